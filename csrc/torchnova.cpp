@@ -1,0 +1,46 @@
+// torchnova op schemas (TORCH_LIBRARY) and the Python module that exports how the extension was built.
+// Kernels register themselves per device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
+//
+// mesa_kl_fwd(student (R, C), teacher (R, C), temperature, with_grad)
+//   -> loss_rows (R,)      tau^2 * KL(softmax(t/tau) || softmax(z/tau)) per row, accumulation dtype
+//      lse       (2, R)    [logsumexp(z/tau), logsumexp(t/tau)], accumulation dtype
+//      grad      (R, C)    d loss_rows[r] / d z[r] = tau * (softmax(z/tau) - softmax(t/tau)), student dtype,
+//                          contiguous; shape (0,) when with_grad is false
+// mesa_kl_bwd(grad_rows (R,), student (R, C), teacher (R, C), lse (2, R), temperature)
+//   -> grad_student (R, C) = grad_rows[r] * tau * (exp(z/tau - lse[0]) - exp(t/tau - lse[1])), contiguous,
+//      student dtype; rows whose grad_rows is 0 are written as exact zeros without reading their logits.
+// The accumulation dtype is float64 for float64 inputs and float32 otherwise.
+#include <torch/extension.h>
+
+#include <string>
+
+#ifndef TORCHNOVA_CUDA_ARCHS
+#define TORCHNOVA_CUDA_ARCHS none
+#endif
+#define TORCHNOVA_STR_(x) #x
+#define TORCHNOVA_STR(x) TORCHNOVA_STR_(x)
+
+TORCH_LIBRARY(torchnova, m) {
+  m.def("mesa_kl_fwd(Tensor student, Tensor teacher, float temperature, bool with_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("mesa_kl_bwd(Tensor grad_rows, Tensor student, Tensor teacher, Tensor lse, float temperature) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.def("build_info", []() {
+    pybind11::dict info;
+#ifdef TORCHNOVA_WITH_CUDA
+    info["with_cuda"] = true;
+    info["cuda_archs"] = std::string(TORCHNOVA_STR(TORCHNOVA_CUDA_ARCHS));
+#else
+    info["with_cuda"] = false;
+    info["cuda_archs"] = std::string("");
+#endif
+    info["torch_version"] = std::string(TORCH_VERSION);
+#ifdef _OPENMP
+    info["openmp"] = true;
+#else
+    info["openmp"] = false;
+#endif
+    return info;
+  });
+}

@@ -1,0 +1,32 @@
+"""torch.library plumbing shared by the ops: how Triton launchers become registered ops.
+
+On a GPU, Triton launchers are registered with ``torch.library.triton_op`` so ``torch.compile`` traces into the
+kernels (``wrap_triton``). Under ``TRITON_INTERPRET=1`` (Triton on CPU tensors, for CI) ``triton_op`` runs but
+cannot be traced, so the same launcher is registered as an opaque ``torch.library.custom_op`` instead; the
+opaque path is what ``opcheck``/``torch.compile`` tests exercise on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import _ext
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp32/fp16/bf16 inputs, fp64 for fp64 (the reference and gradcheck path)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_triton_op() -> bool:
+    return hasattr(torch.library, "triton_op") and not _ext.TRITON_INTERPRET
+
+
+def define_triton_op(qualname: str, launcher: Callable) -> None:
+    """Register ``launcher`` (which launches its kernels through ``wrap_triton``) as the op ``qualname``."""
+    if uses_triton_op():
+        torch.library.triton_op(qualname, launcher, mutates_args=())
+    else:
+        torch.library.custom_op(qualname, launcher, mutates_args=())

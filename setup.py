@@ -1,0 +1,150 @@
+"""Build torchnova: pure-Python package under pyext/, plus one C++ extension ``torchnova._C`` from csrc/.
+
+CPU kernels are always compiled. CUDA kernels are compiled when ``FORCE_CUDA=1``, or when a GPU is visible and
+CUDA_HOME is set. Environment:
+  FORCE_CUDA=1               build the CUDA kernels even without a visible GPU (needs nvcc + torch's CUDA build)
+  TORCHNOVA_SKIP_CPP_BUILD=1 install the Python package only (reference and Triton backends)
+  TORCH_CUDA_ARCH_LIST       e.g. "8.0;9.0" (default "8.0;8.6;8.9;9.0+PTX")
+  MAX_JOBS                   parallel compile jobs (default: from cores and RAM, ~3 GB per nvcc job)
+  NVCC_THREADS               nvcc --threads per job (default 2)
+  DEBUG=1                    -O0 -g -lineinfo
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg: str) -> None:
+    print(f"[torchnova setup] {msg}", file=sys.stderr)
+
+
+def default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        ram_gb = 8
+    return str(max(1, min(cores, int(ram_gb // 3))))
+
+
+def cuda_decision(torch, cpp_extension) -> tuple[bool, str]:
+    """(build CUDA?, why) — the reason is printed either way."""
+    cuda_home = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None:
+        return False, f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
+    if cuda_home is None:
+        return False, "CUDA_HOME is not set and nvcc was not found"
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True, f"FORCE_CUDA=1 (CUDA_HOME={cuda_home}, torch CUDA {torch.version.cuda})"
+    if torch.cuda.is_available():
+        return True, f"a GPU is visible (CUDA_HOME={cuda_home})"
+    return False, "no GPU is visible and FORCE_CUDA is not 1"
+
+
+def nvidia_wheel_include_dirs() -> list[str]:
+    """torch's CUDA wheels ship CUDA headers (cuBLAS, cuSPARSE, ...) under site-packages/nvidia/*/include.
+
+    ATen's CUDA headers include them; a runtime-only CUDA toolkit lacks them, so add these folders.
+    """
+    dirs = []
+    for path in sys.path:
+        for pattern in ("nvidia/cu13/include", "nvidia/cu12/include", "nvidia/*/include"):
+            dirs.extend(d for d in glob.glob(os.path.join(path, pattern)) if os.path.isdir(d))
+    seen, unique = set(), []
+    for d in dirs:
+        if d not in seen:
+            seen.add(d)
+            unique.append(d)
+    return unique
+
+
+def extensions_and_cmdclass():
+    if os.environ.get("TORCHNOVA_SKIP_CPP_BUILD", "0") == "1":
+        log("TORCHNOVA_SKIP_CPP_BUILD=1: installing the Python package only (reference and Triton backends)")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        log("torch is not importable in the build environment: skipping the C++ extension "
+            "(install torch first and use `pip install --no-build-isolation`)")
+        return [], {}
+
+    with_cuda, why = cuda_decision(torch, cpp_extension)
+    debug = os.environ.get("DEBUG", "0") == "1"
+    os.environ.setdefault("MAX_JOBS", default_max_jobs())
+
+    cpp_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
+    cpp_sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
+    cuda_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-fopenmp", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    extra_link = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    define_macros = []
+
+    if with_cuda:
+        arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;8.6;8.9;9.0+PTX")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        arch_tag = "_".join(a.strip().replace(".", "").replace("+", "_") for a in arch_list.replace(" ", ";").split(";") if a.strip())
+        nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+        nvcc_flags = opt + [
+            "-std=c++20",
+            "--expt-relaxed-constexpr",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+            f"--threads={nvcc_threads}",
+        ] + (["-lineinfo"] if debug else [])
+        include_dirs += nvidia_wheel_include_dirs()
+        define_macros += [("TORCHNOVA_WITH_CUDA", None), ("TORCHNOVA_CUDA_ARCHS", f"sm{arch_tag}")]
+        log(f"building CPU + CUDA kernels: {why}; TORCH_CUDA_ARCH_LIST={arch_list}, "
+            f"MAX_JOBS={os.environ['MAX_JOBS']}, NVCC_THREADS={nvcc_threads}")
+        ext = cpp_extension.CUDAExtension(
+            name="torchnova._C",
+            sources=cpp_sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=extra_link,
+        )
+    else:
+        log(f"building CPU kernels only, no CUDA kernels: {why}. The cpp, reference and Triton backends "
+            "are installed; the cuda backend will report this reason.")
+        ext = cpp_extension.CppExtension(
+            name="torchnova._C",
+            sources=cpp_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=extra_link,
+        )
+    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    return [ext], cmdclass
+
+
+ext_modules, cmdclass = extensions_and_cmdclass()
+
+setup(
+    name="torchnova",
+    version="0.1.0",
+    description="Triton, CUDA and C++ kernels for factorized space-time attention, CogVideo dual-channel "
+    "attention and the MESA/SAF KL regularizer",
+    package_dir={"": "pyext"},
+    packages=find_packages("pyext"),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11"],
+    extras_require={"bench": ["numpy", "matplotlib", "tqdm"], "test": ["pytest", "numpy"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

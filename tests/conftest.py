@@ -1,0 +1,21 @@
+"""Test configuration: seeds, the Triton interpreter on machines without a GPU, and device/backend params.
+
+TRITON_INTERPRET must be set before triton or torchnova is imported, so it is decided here: on a machine
+without a CUDA GPU the Triton kernels run in the interpreter on CPU tensors (set TORCHNOVA_TEST_NO_INTERPRET=1
+to skip them instead).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TORCHNOVA_TEST_NO_INTERPRET", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,59 @@
+"""Shared test helpers: THE tolerance table of the suite, backend/device parameters, verbose comparisons."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from torchnova import _backend
+
+# One tolerance table for the whole suite: (atol, rtol) per dtype, forward and gradients, for kernel outputs
+# compared with the float64 reference. atol is relative to the reference's largest magnitude (so a loss of
+# 1e3 and a gradient of 1e-6 are held to the same number of correct digits).
+TOLERANCES = {
+    "fwd": {
+        torch.float64: (1e-10, 1e-9),
+        torch.float32: (2e-6, 1e-5),
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (2e-2, 2e-2),
+    },
+    "grad": {
+        torch.float64: (1e-10, 1e-9),
+        torch.float32: (1e-5, 5e-5),
+        torch.float16: (1e-2, 1e-2),
+        torch.bfloat16: (5e-2, 5e-2),
+    },
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, kind: str, what: str = ""):
+    """Compare with the float64 reference at the tolerance of (kind, dtype); NaNs anywhere fail."""
+    atol, rtol = TOLERANCES[kind][dtype]
+    actual64, expected64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert actual64.shape == expected64.shape, f"{what}: shape {tuple(actual64.shape)} != {tuple(expected64.shape)}"
+    assert torch.isfinite(actual64).all(), f"{what}: non-finite values in {actual64}"
+    scale = max(1.0, expected64.abs().max().item()) if expected64.numel() else 1.0
+    diff = (actual64 - expected64).abs()
+    bound = atol * scale + rtol * expected64.abs()
+    if not (diff <= bound).all():
+        worst = (diff - bound).argmax()
+        raise AssertionError(
+            f"{what} ({kind}, {dtype}): {int((diff > bound).sum())}/{diff.numel()} mismatches; max abs diff "
+            f"{diff.max().item():.3e}; worst at flat index {int(worst)}: got {actual64.flatten()[worst].item():.8e}, "
+            f"expected {expected64.flatten()[worst].item():.8e} (atol {atol}·{scale:.3g}, rtol {rtol})"
+        )
+
+
+def devices() -> list[str]:
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_params(op: str) -> list:
+    """(backend, device) pairs; the ones that cannot run here are kept and skipped with their reasons."""
+    return [pytest.param(b, d, id=f"{b}-{d}") for d in devices() for b in _backend.backends_for(op)]
+
+
+def skip_unless_runs(op: str, backend: str, **inputs) -> None:
+    why = _backend.reasons(op, backend, **inputs)
+    if why:
+        pytest.skip(f"{backend} cannot run: " + "; ".join(why))
