@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Set up torchnova in a virtual environment (.venv) and build it: idempotent, safe to re-run.
+#
+#   bash scripts/setup.sh                 # torch 2.14.1 (CUDA 13.0 build; runs on CPU too) + CUDA kernels if nvcc exists
+#   TORCHNOVA_TORCH=2.13.0 bash scripts/setup.sh    # small CPU-only torch: builds the CPU kernels only, says why
+#
+# Environment: PYTHON (default python3), TORCHNOVA_VENV (default .venv), TORCHNOVA_TORCH (default 2.14.1),
+# FORCE_CUDA (default: 1 when nvcc and a CUDA build of torch are present), TORCH_CUDA_ARCH_LIST (default: the
+# visible GPU's arch, else "8.0;9.0"), MAX_JOBS (default 2), NVCC_THREADS, CUDA_HOME (default /usr/local/cuda).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${TORCHNOVA_VENV:-.venv}
+TORCH_VERSION=${TORCHNOVA_TORCH:-2.14.1}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+
+# Pinned: what CI and the benchmarks were run with.
+"$PY" -m pip install -q --disable-pip-version-check \
+  "torch==${TORCH_VERSION}" "numpy==2.4.6" "pytest==9.2.0" "ninja==1.13.2" "pybind11==3.1.0" \
+  "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "matplotlib==3.11.2" 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -c "import torch" # fail here, clearly, if the install did not work
+
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+TORCH_HAS_CUDA=$("$PY" -c "import torch; print(int(torch.version.cuda is not None))")
+GPU_VISIBLE=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+if [ -z "${FORCE_CUDA:-}" ]; then
+  if [ "$TORCH_HAS_CUDA" = 1 ] && [ -n "${CUDA_HOME:-}" ] && [ -x "${CUDA_HOME}/bin/nvcc" ]; then
+    export FORCE_CUDA=1
+  else
+    export FORCE_CUDA=0
+  fi
+fi
+if [ "$GPU_VISIBLE" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+fi
+export MAX_JOBS=${MAX_JOBS:-2}
+
+echo "[setup] torch ${TORCH_VERSION}, FORCE_CUDA=${FORCE_CUDA}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<from GPU>}, MAX_JOBS=${MAX_JOBS}"
+# Rebuild only when the sources or the build settings changed since the last successful build.
+STAMP="$VENV/.torchnova-build-stamp"
+WANT=$( (cat setup.py $(find csrc -type f | sort); echo "$TORCH_VERSION $FORCE_CUDA ${TORCH_CUDA_ARCH_LIST:-} ${DEBUG:-0}") | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import torchnova._C" 2>/dev/null; then
+  echo "[setup] extension up to date"
+  exit 0
+fi
+LOG=$(mktemp /tmp/torchnova-build.XXXXXX.log)
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps --disable-pip-version-check -e . >"$LOG" 2>&1; then
+  tail -n 60 "$LOG"
+  echo "[setup] build FAILED (full log: $LOG)"
+  exit 1
+fi
+grep "\[torchnova setup\]" "$LOG" || true
+echo "$WANT" > "$STAMP"
+"$PY" -m torchnova.info
