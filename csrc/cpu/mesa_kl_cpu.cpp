@@ -26,9 +26,40 @@
 namespace torchnova {
 namespace {
 
+// The row loops are force-inlined into two copies: one compiled for AVX2+FMA (8-wide exp polynomial), taken
+// when the CPU has them, and one for the baseline ISA (SSE2 on x86-64). Inlining a baseline function into an
+// AVX2 function is allowed; the reverse is not, hence always_inline on everything the loops call.
+#define TORCHNOVA_INLINE __attribute__((always_inline)) inline
+#define TORCHNOVA_LAMBDA_INLINE __attribute__((always_inline))
+
+template <typename Body>
+void run_rows_baseline(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename Body>
+__attribute__((target("avx2,fma"))) void run_rows_avx2(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
+const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+// at::parallel_for (OpenMP in PyTorch's builds) over rows, each chunk run by the best compiled copy.
+template <typename Body>
+void parallel_rows(int64_t rows, int64_t classes, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (kCpuHasAvx2) return run_rows_avx2(body, begin, end);
+#endif
+    run_rows_baseline(body, begin, end);
+  });
+}
+
 // exp(x) for x <= 0 (all our arguments are logit - running max), in a form GCC vectorizes.
 // Returns exactly 0 for x < -87 (below float's normal range) and for x = -inf.
-inline float exp_nonpositive(float x) {
+TORCHNOVA_INLINE float exp_nonpositive(float x) {
   const float xc = x < -87.0f ? -87.0f : x;
   // k = round(x / ln 2) by the 1.5 * 2^23 trick (vectorizes without SSE4.1 round instructions).
   const float shifter = 12582912.0f;
@@ -50,7 +81,7 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : y * scale;
 }
 
-inline double exp_nonpositive(double x) { return std::exp(x); }
+TORCHNOVA_INLINE double exp_nonpositive(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct RowStats {
@@ -64,7 +95,7 @@ struct RowStats {
 // Statistics of one row of contiguous acc_t logits. When `q_out`/`p_out` are given they receive the
 // unnormalised exponentials e^{z'-m_z} and e^{t'-m_t} (for the gradient sweep).
 template <typename acc_t>
-RowStats<acc_t> row_stats(const acc_t* z, const acc_t* t, int64_t C, acc_t inv_tau, acc_t tau, acc_t* q_out,
+TORCHNOVA_INLINE RowStats<acc_t> row_stats(const acc_t* z, const acc_t* t, int64_t C, acc_t inv_tau, acc_t tau, acc_t* q_out,
                           acc_t* p_out) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   acc_t max_z = neg_inf, max_t = neg_inf;
@@ -124,7 +155,7 @@ RowStats<acc_t> row_stats(const acc_t* z, const acc_t* t, int64_t C, acc_t inv_t
 // Reads row r of a 2-D tensor into contiguous acc_t storage; returns a pointer to use. Contiguous rows of
 // the accumulation dtype are used in place.
 template <typename scalar_t, typename acc_t>
-const acc_t* load_row(const scalar_t* base, int64_t row_stride, int64_t col_stride, int64_t r, int64_t C,
+TORCHNOVA_INLINE const acc_t* load_row(const scalar_t* base, int64_t row_stride, int64_t col_stride, int64_t r, int64_t C,
                       acc_t* buffer) {
   const scalar_t* row = base + r * row_stride;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -146,9 +177,7 @@ void mesa_kl_fwd_rows(const at::Tensor& student, const at::Tensor& teacher, doub
   acc_t* loss_out = loss_rows.data_ptr<acc_t>();
   acc_t* lse_out = lse.data_ptr<acc_t>();
   scalar_t* grad_out = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(R, C, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> z_buf(C), t_buf(C), q_buf(with_grad ? C : 0), p_buf(with_grad ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* z = load_row<scalar_t, acc_t>(z_base, z_rs, z_cs, r, C, z_buf.data());
@@ -180,9 +209,7 @@ void mesa_kl_bwd_rows(const at::Tensor& grad_rows, const at::Tensor& student, co
   const acc_t* g_rows = grad_rows.const_data_ptr<acc_t>();
   const acc_t* lse_in = lse.const_data_ptr<acc_t>();
   scalar_t* out = grad_student.data_ptr<scalar_t>();
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-
-  at::parallel_for(0, R, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows(R, C, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> z_buf(C), t_buf(C);
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* g = out + r * C;
