@@ -1,0 +1,1 @@
+"""torchnova benchmarks: ``python -m benchmarks --help``; conventions in ``benchmarks/harness.py``."""
