@@ -188,8 +188,14 @@ void mesa_kl_fwd_rows(const at::Tensor& student, const at::Tensor& teacher, doub
       lse_out[r] = s.lse_student;
       lse_out[R + r] = s.lse_teacher;
       if (with_grad) {
-        const acc_t scale_q = tau / s.sum_z, scale_p = tau / s.sum_t;  // q = e_z / sum_z, p = e_t / sum_t
         scalar_t* g = grad_out + r * C;
+        if (std::isnan(s.loss)) {
+          // A NaN row (garbage in a padding row) stashes a zero gradient, so the backward's plain
+          // grad_rows * stash gives exact zeros for masked rows; the NaN loss itself is still returned.
+          for (int64_t c = 0; c < C; ++c) g[c] = scalar_t(0);
+          continue;
+        }
+        const acc_t scale_q = tau / s.sum_z, scale_p = tau / s.sum_t;  // q = e_z / sum_z, p = e_t / sum_t
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) g[c] = static_cast<scalar_t>(q_buf[c] * scale_q - p_buf[c] * scale_p);
       }

@@ -33,7 +33,8 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Which backends stash the gradient in the forward (see the module docstring).
+# Which backends stash the gradient in the forward (see the module docstring). A stashing backend must write
+# zero gradient rows where the row loss is NaN, so masked garbage rows cannot leak through grad_rows * stash.
 _STASH_GRAD_IN_FORWARD = {"cpp": True, "cuda": False, "triton": False}
 
 
@@ -111,9 +112,8 @@ def _make_autograd(bwd_op):
             return None, None, None, None
         if ctx.with_grad:
             (grad,) = ctx.saved_tensors
-            d = d_loss_rows.to(accumulation_dtype(grad.dtype)).unsqueeze(-1)
-            # Rows with zero upstream gradient (masked rows) give exact zeros, even if their logits held NaN.
-            scaled = torch.where(d != 0, d * grad, torch.zeros((), dtype=d.dtype, device=d.device))
+            # One fused pass. Masked rows (d = 0) give exact zeros: the forward stashes zeros for NaN rows.
+            scaled = grad * d_loss_rows.to(accumulation_dtype(grad.dtype)).unsqueeze(-1)
             return scaled.to(grad.dtype), None, None, None
         student, teacher, lse = ctx.saved_tensors
         d = d_loss_rows.to(lse.dtype).contiguous()
