@@ -1,4 +1,5 @@
-// torchnova op schemas (TORCH_LIBRARY) and the Python module that exports how the extension was built.
+// torchnova op schemas (TORCH_LIBRARY; the attention ops add theirs in csrc/*_ops.cpp with
+// TORCH_LIBRARY_FRAGMENT) and the Python module that exports how the extension was built.
 // Kernels register themselves per device in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA).
 //
 // mesa_kl_fwd(student (R, C), teacher (R, C), temperature, with_grad)
