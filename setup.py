@@ -144,7 +144,11 @@ setup(
     packages=find_packages("pyext"),
     python_requires=">=3.10",
     install_requires=["torch>=2.11"],
-    extras_require={"bench": ["numpy", "matplotlib", "tqdm"], "test": ["pytest", "numpy"]},
+    extras_require={
+        "bench": ["numpy", "matplotlib", "tqdm", "nvidia-ml-py"],
+        "test": ["pytest", "numpy"],
+        "examples": ["scikit-learn", "matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -4,6 +4,9 @@ Examples:
   python -m benchmarks                          # all ops; --quick grid on CPU, full grid on a GPU
   python -m benchmarks --ops mesa_kl --providers torchnova,torch-eager --dtype bf16 --modes fwd,fwd_bwd
   python -m benchmarks --full --out /tmp/results
+  python -m benchmarks --compare saved/ --fail-if-regression 10   # exit 1 if a torchnova row got >10% slower
+  python -m benchmarks --current new/ --compare old/             # compare two saved runs, measure nothing
+  python -m benchmarks --grid-intensity 56                        # gCO2/kWh of your grid (default: 475)
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import harness
+from torchnova.energy import DEFAULT_GRID_INTENSITY, energy_counter
+
+from . import compare, harness
 
 # op name -> module with a ``benchmark() -> OpBenchmark``; a new op adds its module here.
 OP_MODULES = {
@@ -53,7 +58,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     grid.add_argument("--full", action="store_true", help="every shape (the default on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument(
+        "--grid-intensity", type=float, default=None, metavar="G",
+        help=f"grid carbon intensity in gCO2/kWh for the CO2 columns (default {DEFAULT_GRID_INTENSITY:g}, "
+        "IEA 2019 world average; or TORCHNOVA_GRID_INTENSITY)",
+    )  # fmt: skip
+    parser.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                        help="saved results (.json/.csv file or results folder) to compare this run with")  # fmt: skip
+    parser.add_argument("--fail-if-regression", type=float, default=None, metavar="PCT",
+                        help="with --compare: exit 1 when a torchnova row is more than PCT%% slower")  # fmt: skip
+    parser.add_argument("--current", type=Path, default=None, metavar="PATH",
+                        help="with --compare: take the current results from PATH instead of measuring")  # fmt: skip
     args = parser.parse_args(argv)
+    if (args.fail_if_regression is not None or args.current is not None) and args.compare is None:
+        parser.error("--fail-if-regression and --current need --compare PATH")
+    if args.fail_if_regression is not None and args.fail_if_regression < 0:
+        parser.error(f"--fail-if-regression must be >= 0, got {args.fail_if_regression}")
     unknown = [op for op in args.ops if op not in OP_MODULES] + [m for m in args.modes if m not in harness.MODES]
     unknown += [d for d in args.dtype or () if d not in DTYPES]
     if unknown:
@@ -81,11 +101,16 @@ def _progress(total: int):
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
+    # Read the saved run first: the new run may overwrite the very files it came from.
+    baseline_rows = compare.load_rows(args.compare) if args.compare is not None else None
+    if args.current is not None:
+        return _report_comparison(baseline_rows, compare.load_rows(args.current), args.fail_if_regression)
     device = torch.device(args.device)
     quick = args.quick or (device.type == "cpu" and not args.full)
     rep_ms = REP_MS[device.type, quick]
     spec = harness.device_spec(device)
-    header = harness.machine_header(device, spec)
+    header = harness.machine_header(device, spec, args.grid_intensity)
+    counter, _ = energy_counter(device)
     out_dir = args.out or Path(__file__).parent / "results" / harness.slug(spec.name)
     print(f"torchnova benchmarks ({'quick' if quick else 'full'} grid)\n{harness.format_header(header)}\n", flush=True)
 
@@ -102,15 +127,34 @@ def main(argv: list[str] | None = None) -> int:
         plans.append((bench, shapes, dtypes, providers))
 
     step, write, close = _progress(sum(len(s) * len(d) * len(p) * len(args.modes) for _, s, d, p in plans))
+    all_rows = []
     for bench, shapes, dtypes, providers in plans:
         rows = harness.run_benchmark(
             bench, device, header, shapes=shapes, dtypes=dtypes, modes=args.modes, providers=providers,
-            rep_ms=rep_ms, on_step=step,
+            rep_ms=rep_ms, on_step=step, counter=counter,
         )  # fmt: skip
         written = harness.write_results(rows, header, out_dir, bench.name)
-        write(f"\n{harness.format_table(rows)}\n\nwrote {', '.join(str(p) for p in written)}\n")
+        write(f"\n{harness.format_table(rows)}\n\n{harness.format_summary(rows)}\n")
+        write(f"wrote {', '.join(str(p) for p in written)}\n")
+        all_rows += rows
     close()
     print(f"total {time.perf_counter() - start:.1f} s")
+    if baseline_rows is not None:
+        return _report_comparison(baseline_rows, all_rows, args.fail_if_regression)
+    return 0
+
+
+def _report_comparison(old_rows: list[dict], new_rows: list[dict], fail_pct: float | None) -> int:
+    comparison = compare.compare(old_rows, new_rows)
+    print("\ncomparison with the saved run (new/old p50; > 1 is slower now)")
+    print(compare.format_comparison(comparison, fail_pct))
+    if fail_pct is None:
+        return 0
+    slower = compare.regressions(comparison, fail_pct)
+    if slower:
+        print(f"\n{len(slower)} torchnova row(s) more than {fail_pct:g}% slower than the saved run")
+        return 1
+    print(f"\nno torchnova row more than {fail_pct:g}% slower than the saved run")
     return 0
 
 

@@ -22,9 +22,16 @@ Conventions
   (``profile_memory=True``) records during one call (torch's CPU allocator only); None if that fails.
 * Derived metrics from the op's formulas: ``gbps`` = bytes / p50 (effective bandwidth: the bytes the op must
   minimally move, not what an implementation actually moves), ``pct_bw`` = gbps / the device's peak bandwidth,
-  ``tflops`` = FLOPs / p50. Peaks come from ``KNOWN_DEVICES`` (PERF-ANCHORS.md §3), matched by whole words of
-  the device name; unknown GPUs and CPUs use a measured copy bandwidth (read + write of a 256 MB ``copy_``,
-  at the p20 time) and have no peak TFLOP/s.
+  ``tflops`` = FLOPs / p50, ``pct_tflops`` = tflops / the device's peak matmul TFLOP/s for that dtype class.
+  Peaks come from ``KNOWN_DEVICES`` (PERF-ANCHORS.md §3: bandwidth and dense bf16 TFLOP/s), matched by whole
+  words of the device name; unknown GPUs and CPUs use measured peaks: a 256 MB ``copy_`` (read + write, p20
+  time) for bandwidth and a large matmul (bf16 on GPUs, fp32 on CPUs, p20 time) for TFLOP/s. ``pct_tflops``
+  is only filled where the row's dtype matches the peak's (bf16/fp16 rows vs a bf16 peak; fp32 vs fp32).
+* Energy (``j_per_iter``, ``gco2_per_1k_iter``): where ``torchnova.energy`` finds a counter (NVML on NVIDIA
+  GPUs, RAPL on CPUs), each ok row also runs its step back to back for at least ``ENERGY_MIN_SECONDS`` and
+  divides the counter's joules by the calls; CO2 = joules × the header's grid intensity. The counters cover
+  the whole GPU board / CPU package, idle power included. Without a counter both are empty and the header's
+  ``energy_counter`` says why.
 * ``speedup`` (torchnova rows only) = best baseline p50 / this p50 in the same (op, shape, dtype, mode):
   > 1 means faster than every baseline.
 * Failures never stop a run: a provider with reasons is recorded with status ``skipped``, an exception
@@ -51,17 +58,21 @@ from pathlib import Path
 
 import torch
 
+from torchnova.energy import energy_counter, grams_co2, resolve_grid_intensity
+
 MODES = ("fwd", "bwd", "fwd_bwd")
 QUANTILES = (0.5, 0.2, 0.8)
 MIN_REPS = 5
 WARMUP_MS = 25.0
 L2_FLUSH_BYTES = 256 * 2**20
 BANDWIDTH_PROBE_BYTES = 256 * 2**20
+MATMUL_PROBE_SIZE = {"cuda": 8192, "cpu": 1024}
+ENERGY_MIN_SECONDS = 0.5
 
 CSV_COLUMNS = (
     "op", "provider", "is_baseline", "mode", "dtype", "shape", "status",
     "p50_ms", "p20_ms", "p80_ms", "first_call_ms", "peak_mem_mb",
-    "bytes", "flops", "gbps", "pct_bw", "tflops", "speedup", "error",
+    "bytes", "flops", "gbps", "pct_bw", "tflops", "pct_tflops", "speedup", "j_per_iter", "gco2_per_1k_iter", "error",
     "device", "torch", "triton", "git_sha", "timestamp",
 )  # fmt: skip
 
@@ -124,7 +135,8 @@ class Timing:
 class DeviceSpec:
     name: str
     bandwidth_gbps: float
-    bf16_tflops: float | None  # dense, FP32 accumulate (what attention kernels use)
+    peak_tflops: float | None  # dense matmul, FP32 accumulate (what attention kernels use)
+    tflops_dtype: str  # the dtype of peak_tflops: "bfloat16" (table, GPUs) or "float32" (measured on CPUs)
     source: str  # "table" or "measured"
 
 
@@ -179,12 +191,23 @@ def measure_copy_bandwidth(device: torch.device) -> float:
     return 2 * src.nbytes / (timing.p20_ms * 1e-3) / 1e9
 
 
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a large square matmul on ``device`` (2·n³ FLOPs at the p20 time)."""
+    n = MATMUL_PROBE_SIZE[device.type]
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    timing = measure_time(lambda: a @ b, device, rep_ms=100.0)
+    return 2 * n**3 / (timing.p20_ms * 1e-3) / 1e12
+
+
 def device_spec(device: torch.device) -> DeviceSpec:
     name = device_name(device)
     known = lookup_device(name) if device.type == "cuda" else None
     if known is not None:
-        return DeviceSpec(name, known[0], known[1], "table")
-    return DeviceSpec(name, measure_copy_bandwidth(device), None, "measured")
+        return DeviceSpec(name, known[0], known[1], "bfloat16", "table")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DeviceSpec(
+        name, measure_copy_bandwidth(device), measure_matmul_tflops(device, dtype), str(dtype)[6:], "measured"
+    )
 
 
 def _run_text(cmd: list[str]) -> str | None:
@@ -203,8 +226,10 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def machine_header(device: torch.device, spec: DeviceSpec) -> dict:
+def machine_header(device: torch.device, spec: DeviceSpec, grid_intensity: float | None = None) -> dict:
+    """What ran where; ``energy_counter`` names the counter used, or "n/a: <why>"."""
     cuda = device.type == "cuda"
+    counter, why = energy_counter(device)
     driver = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
     return {
         "device": spec.name,
@@ -222,8 +247,11 @@ def machine_header(device: torch.device, spec: DeviceSpec) -> dict:
         "git_sha": _run_text(["git", "rev-parse", "--short", "HEAD"]),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "peak_bandwidth_gbps": round(spec.bandwidth_gbps, 1),
-        "peak_bf16_tflops": spec.bf16_tflops,
+        "peak_tflops": round(spec.peak_tflops, 2) if spec.peak_tflops is not None else None,
+        "peak_tflops_dtype": spec.tflops_dtype,
         "peak_source": spec.source,
+        "energy_counter": counter.name if counter is not None else f"n/a: {why}",
+        "grid_intensity_gco2_per_kwh": resolve_grid_intensity(grid_intensity),
     }
 
 
@@ -406,11 +434,13 @@ def measure_case(
     device: torch.device,
     header: dict,
     rep_ms: float,
+    counter=None,
 ) -> dict:
     try:
         step, grad_inputs = mode_step(forward, case.mode, inputs)
         timing = measure_time(step, device, grad_to_none=grad_inputs, rep_ms=rep_ms)
         peak_mem_mb = measure_peak_memory_mb(step, device, grad_to_none=grad_inputs)
+        joules = None if counter is None else measure_energy_j(step, device, counter, timing.p50_ms, grad_inputs)
     except Exception as exc:  # a failing provider (compile error, OOM, ...) must not end the run
         return _empty_row(case, provider, header, "error", _error_text(exc))
     row = _empty_row(case, provider, header, "ok")
@@ -429,7 +459,33 @@ def measure_case(
     if bench.flops is not None:
         row["flops"] = bench.flops(case)
         row["tflops"] = row["flops"] / seconds / 1e12
+        if header["peak_tflops"] and _same_precision_class(row["dtype"], header["peak_tflops_dtype"]):
+            row["pct_tflops"] = 100.0 * row["tflops"] / header["peak_tflops"]
+    if joules is not None:
+        row["j_per_iter"] = joules
+        row["gco2_per_1k_iter"] = 1000 * grams_co2(joules, header["grid_intensity_gco2_per_kwh"])
     return row
+
+
+def _same_precision_class(dtype: str, peak_dtype: str) -> bool:
+    """fp16 and bf16 share the tensor-core peak; fp32 rows compare only with an fp32 peak."""
+    half = ("bfloat16", "float16")
+    return dtype == peak_dtype or (dtype in half and peak_dtype in half)
+
+
+def measure_energy_j(
+    fn: Callable[[], object], device: torch.device, counter, p50_ms: float, grad_to_none: list[torch.Tensor] = ()
+) -> float:
+    """Joules per call: ``fn`` back to back for at least ENERGY_MIN_SECONDS between two counter reads."""
+    calls = max(MIN_REPS, int(ENERGY_MIN_SECONDS * 1e3 / max(p50_ms, 1e-3)) + 1)
+    _sync(device)
+    start = counter.read()
+    for _ in range(calls):
+        for t in grad_to_none:
+            t.grad = None
+        fn()
+    _sync(device)
+    return (counter.read() - start) / calls
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -463,8 +519,10 @@ def run_benchmark(
     providers: list[Provider] | None = None,
     rep_ms: float = 100.0,
     on_step: Callable[[str], None] = lambda description: None,
+    counter=None,
 ) -> list[dict]:
-    """Measure every provider × shape × dtype × mode; ``on_step`` is called once per measurement (progress)."""
+    """Measure every provider × shape × dtype × mode; ``on_step`` is called once per measurement (progress).
+    ``counter``: an energy counter of ``torchnova.energy`` (None: no energy columns)."""
     providers = bench.providers if providers is None else providers
     dtypes, modes = list(dtypes), list(modes)
     rows = []
@@ -479,7 +537,7 @@ def run_benchmark(
                 _advance(on_step, cases[0], len(providers) * len(cases))
                 continue
             for provider in providers:
-                rows += _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step)
+                rows += _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step, counter)
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -492,7 +550,7 @@ def _advance(on_step: Callable[[str], None], case: Case, n: int) -> None:
         on_step(case.shape_str)
 
 
-def _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step) -> list[dict]:
+def _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step, counter) -> list[dict]:
     try:
         why = provider.reasons(inputs)
         forward = None if why else provider.make(inputs)
@@ -505,7 +563,7 @@ def _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_ste
     rows = []
     for case in cases:
         on_step(f"{case.shape_str} {case.mode} {provider.name}")
-        rows.append(measure_case(bench, provider, forward, case, inputs, device, header, rep_ms))
+        rows.append(measure_case(bench, provider, forward, case, inputs, device, header, rep_ms, counter))
     return rows
 
 
@@ -560,6 +618,10 @@ def format_table(rows: list[dict]) -> str:
         columns += [("GB/s", lambda r: _fmt(r["gbps"])), ("%BW", lambda r: _fmt(r["pct_bw"], 2))]
     if any(r["tflops"] is not None for r in measured):
         columns += [("TFLOP/s", lambda r: _fmt(r["tflops"]))]
+    if any(r["pct_tflops"] is not None for r in measured):
+        columns += [("%peak", lambda r: _fmt(r["pct_tflops"], 2))]
+    if any(r["j_per_iter"] is not None for r in measured):
+        columns += [("J/iter", lambda r: _fmt(r["j_per_iter"])), ("gCO2/1k", lambda r: _fmt(r["gco2_per_1k_iter"]))]
     columns += [("speedup", lambda r: f"{r['speedup']:.2f}x" if r["speedup"] is not None else "")]
 
     blocks = []
@@ -577,6 +639,52 @@ def format_table(rows: list[dict]) -> str:
     if skipped:
         blocks.append("skipped providers:\n" + "\n".join(f"  {name}: {why}" for name, why in skipped))
     return "\n\n".join(blocks)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (op, shape, dtype, mode): torchnova's fastest backend against the fastest baseline."""
+    summary = []
+    ok = [r for r in rows if r["status"] == "ok"]
+    for key in dict.fromkeys((r["op"], r["shape"], r["dtype"], r["mode"]) for r in ok):
+        group = [r for r in ok if (r["op"], r["shape"], r["dtype"], r["mode"]) == key]
+        ours = min((r for r in group if not r["is_baseline"]), key=lambda r: r["p50_ms"], default=None)
+        theirs = min((r for r in group if r["is_baseline"]), key=lambda r: r["p50_ms"], default=None)
+        if ours is None:
+            continue
+        summary.append(
+            {
+                "op": key[0], "shape": key[1], "dtype": key[2], "mode": key[3],
+                "torchnova": ours["provider"], "torchnova_ms": ours["p50_ms"],
+                "baseline": theirs["provider"] if theirs else None, "baseline_ms": theirs["p50_ms"] if theirs else None,
+                "speedup": ours["speedup"],
+                # % of the device's peak: bandwidth for memory-bound ops, matmul throughput for attention
+                "pct_peak": ours["pct_bw"] if ours["pct_bw"] is not None else ours["pct_tflops"],
+                "peak_kind": "BW" if ours["pct_bw"] is not None else ("TFLOP/s" if ours["pct_tflops"] else None),
+                "j_per_iter": ours["j_per_iter"],
+            }
+        )  # fmt: skip
+    return summary
+
+
+def format_summary(rows: list[dict]) -> str:
+    """One line per (shape, dtype, mode): best torchnova backend vs best baseline, speedup, % of peak, J/iter."""
+    summary = summarize(rows)
+    if not summary:
+        return ""
+    names = ["shape", "dtype", "mode", "torchnova", "ms", "best baseline", "ms", "speedup", "% peak", "J/iter"]
+    cells = [
+        [
+            s["shape"], s["dtype"], s["mode"], s["torchnova"].removeprefix("torchnova-"), _fmt(s["torchnova_ms"]),
+            s["baseline"] or "-", _fmt(s["baseline_ms"]), f"{s['speedup']:.2f}x" if s["speedup"] else "-",
+            f"{_fmt(s['pct_peak'], 2)} {s['peak_kind']}" if s["pct_peak"] is not None else "-", _fmt(s["j_per_iter"]),
+        ]
+        for s in summary
+    ]  # fmt: skip
+    widths = [max(len(names[i]), *(len(c[i]) for c in cells)) for i in range(len(names))]
+    lines = [f"summary: {summary[0]['op']} (torchnova's fastest backend vs the fastest baseline)"]
+    lines += ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
+    return "\n".join(lines)
 
 
 def _aligned(values: list[str], widths: list[int]) -> str:

@@ -47,7 +47,7 @@ def fake_op() -> OpBenchmark:
 
 @pytest.fixture(scope="module")
 def cpu_header():
-    spec = harness.DeviceSpec("CPU fake", 10.0, None, "measured")
+    spec = harness.DeviceSpec("CPU fake", 10.0, 0.5, "float32", "measured")
     return harness.machine_header(torch.device("cpu"), spec)
 
 
@@ -160,7 +160,7 @@ def test_known_devices_match_by_whole_words():
 def test_cpu_falls_back_to_measured_copy_bandwidth(monkeypatch):
     monkeypatch.setattr(harness, "BANDWIDTH_PROBE_BYTES", 16 * 2**20)
     spec = harness.device_spec(torch.device("cpu"))
-    assert spec.source == "measured" and spec.bf16_tflops is None
+    assert spec.source == "measured" and spec.tflops_dtype == "float32" and 0.001 < spec.peak_tflops < 100
     assert spec.name.startswith("CPU ")
     assert 0.1 < spec.bandwidth_gbps < 10_000
     assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
@@ -198,3 +198,98 @@ def test_select_providers_by_substring():
 
 def test_case_shape_string():
     assert Case("op", {"rows": 2, "classes": 3}, torch.float32, "fwd").shape_str == "rows=2 classes=3"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary, energy columns, compare and the regression gate
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_summary_pairs_fastest_torchnova_with_fastest_baseline(fake_rows):
+    summary = harness.summarize(fake_rows)
+    assert len(summary) == 2 * 3  # (shape, mode) groups of the fake op, one dtype
+    assert all(s["torchnova"] == "torchnova-fast" and s["baseline"] == "eager" for s in summary)
+    assert all(s["speedup"] == pytest.approx(s["baseline_ms"] / s["torchnova_ms"]) for s in summary)
+    assert all(s["peak_kind"] == "BW" and s["pct_peak"] > 0 for s in summary)
+    assert "torchnova's fastest backend" in harness.format_summary(fake_rows)
+
+
+class _FakeCounter:
+    """1 J per read, so every measured row gets (1 J) / its number of calls."""
+
+    name = "fake"
+
+    def __init__(self):
+        self.joules = 0.0
+
+    def read(self):
+        self.joules += 1.0
+        return self.joules
+
+
+def test_energy_columns_filled_from_a_counter(cpu_header, monkeypatch):
+    monkeypatch.setattr(harness, "ENERGY_MIN_SECONDS", 0.01)
+    bench = fake_op()
+    rows = harness.run_benchmark(
+        bench, torch.device("cpu"), cpu_header, shapes=bench.quick_shapes, dtypes=[torch.float32], modes=["fwd"],
+        rep_ms=2.0, counter=_FakeCounter(),
+    )  # fmt: skip
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(0 < r["j_per_iter"] <= 1.0 / harness.MIN_REPS for r in ok)
+    intensity = cpu_header["grid_intensity_gco2_per_kwh"]
+    assert all(r["gco2_per_1k_iter"] == pytest.approx(1000 * r["j_per_iter"] / 3.6e6 * intensity) for r in ok)
+    assert "J/iter" in harness.format_table(rows)
+
+
+def test_energy_is_na_without_counter(fake_rows, cpu_header):
+    assert all(r["j_per_iter"] is None and r["gco2_per_1k_iter"] is None for r in fake_rows)
+    if cpu_header["energy_counter"] != "rapl":
+        assert cpu_header["energy_counter"].startswith("n/a: ")
+
+
+def _results_file(path, rows):
+    path.write_text(json.dumps({"header": {}, "rows": rows}))
+    return path
+
+
+def _timed_row(provider, p50, is_baseline=False, shape="n=1", status="ok"):
+    return {"op": "fake", "provider": provider, "mode": "fwd", "dtype": "float32", "shape": shape,
+            "status": status, "p50_ms": p50, "is_baseline": is_baseline}  # fmt: skip
+
+
+def test_compare_ratios_and_regression_gate(tmp_path):
+    from benchmarks import compare
+
+    old = [_timed_row("torchnova-cpp", 1.0), _timed_row("eager", 2.0, True)]
+    old.append(_timed_row("torchnova-x", 1.0, shape="gone"))
+    new = [_timed_row("torchnova-cpp", 1.25), _timed_row("eager", 3.0, True), _timed_row("torchnova-new", 9.0)]
+    comparison = compare.compare(old, new)
+    assert [(c["provider"], c["ratio"]) for c in comparison] == [("torchnova-cpp", 1.25), ("eager", 1.5)]
+    # Baselines never trip the gate; torchnova rows do above the threshold only.
+    assert [c["provider"] for c in compare.regressions(comparison, 20.0)] == ["torchnova-cpp"]
+    assert compare.regressions(comparison, 25.0) == []
+    assert "REGRESSION" in compare.format_comparison(comparison, 20.0)
+
+    # The same through CSV: types are restored from strings.
+    csv_path = tmp_path / "old.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    assert compare.compare(compare.load_rows(csv_path), new) == comparison
+    with pytest.raises(ValueError, match="expected a .json or .csv"):
+        compare.load_rows(tmp_path / "results.txt")
+
+
+def test_cli_gate_exit_codes_on_saved_files(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    old = _results_file(tmp_path / "old.json", [_timed_row("torchnova-cpp", 1.0)])
+    slower = _results_file(tmp_path / "slower.json", [_timed_row("torchnova-cpp", 1.5)])
+    faster = _results_file(tmp_path / "faster.json", [_timed_row("torchnova-cpp", 0.5)])
+    assert main(["--compare", str(old), "--current", str(slower), "--fail-if-regression", "10"]) == 1
+    assert "1 torchnova row(s) more than 10% slower" in capsys.readouterr().out
+    assert main(["--compare", str(old), "--current", str(faster), "--fail-if-regression", "10"]) == 0
+    assert main(["--compare", str(tmp_path), "--current", str(slower)]) == 0  # a folder of results; no gate
+    with pytest.raises(SystemExit):
+        main(["--fail-if-regression", "10"])  # needs --compare
