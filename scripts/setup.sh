@@ -37,12 +37,17 @@ if [ -z "${FORCE_CUDA:-}" ]; then
     export FORCE_CUDA=0
   fi
 fi
-if [ "$GPU_VISIBLE" = 0 ] && [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  export TORCH_CUDA_ARCH_LIST="8.0;9.0"
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  if [ "$GPU_VISIBLE" = 1 ]; then  # build for this GPU only: the fastest build that runs here
+    TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  else
+    TORCH_CUDA_ARCH_LIST="8.0;9.0"
+  fi
+  export TORCH_CUDA_ARCH_LIST
 fi
 export MAX_JOBS=${MAX_JOBS:-2}
 
-echo "[setup] torch ${TORCH_VERSION}, FORCE_CUDA=${FORCE_CUDA}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<from GPU>}, MAX_JOBS=${MAX_JOBS}"
+echo "[setup] torch ${TORCH_VERSION}, FORCE_CUDA=${FORCE_CUDA}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}, MAX_JOBS=${MAX_JOBS}"
 # Rebuild only when the sources or the build settings changed since the last successful build.
 STAMP="$VENV/.torchnova-build-stamp"
 WANT=$( (cat setup.py $(find csrc -type f | sort); echo "$TORCH_VERSION $FORCE_CUDA ${TORCH_CUDA_ARCH_LIST:-} ${DEBUG:-0}") | sha256sum | cut -d' ' -f1)
