@@ -23,9 +23,11 @@ from torchnova.energy import DEFAULT_GRID_INTENSITY, energy_counter
 
 from . import compare, harness
 
-# op name -> module with a ``benchmark() -> OpBenchmark``; a new op adds its module here.
+# op name -> "module" with a ``benchmark() -> OpBenchmark``, or "module:function"; a new op adds its line here.
 OP_MODULES = {
     "mesa_kl": "benchmarks.bench_mesa_kl",
+    "mesa_step": "benchmarks.bench_mesa_training:mesa_step_benchmark",
+    "ema_update": "benchmarks.bench_mesa_training:ema_benchmark",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plans = []
     for op in args.ops:
-        bench = importlib.import_module(OP_MODULES[op]).benchmark()
+        module, _, function = OP_MODULES[op].partition(":")
+        bench = getattr(importlib.import_module(module), function or "benchmark")()
         dtypes = (
             [DTYPES[d] for d in args.dtype]
             if args.dtype
@@ -124,13 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         shapes = bench.quick_shapes if quick else bench.shapes
         providers = harness.select_providers(bench.providers, args.providers)
-        plans.append((bench, shapes, dtypes, providers))
+        modes = [m for m in args.modes if m in bench.modes]
+        if modes:
+            plans.append((bench, shapes, dtypes, providers, modes))
 
-    step, write, close = _progress(sum(len(s) * len(d) * len(p) * len(args.modes) for _, s, d, p in plans))
+    step, write, close = _progress(sum(len(s) * len(d) * len(p) * len(m) for _, s, d, p, m in plans))
     all_rows = []
-    for bench, shapes, dtypes, providers in plans:
+    for bench, shapes, dtypes, providers, modes in plans:
         rows = harness.run_benchmark(
-            bench, device, header, shapes=shapes, dtypes=dtypes, modes=args.modes, providers=providers,
+            bench, device, header, shapes=shapes, dtypes=dtypes, modes=modes, providers=providers,
             rep_ms=rep_ms, on_step=step, counter=counter,
         )  # fmt: skip
         written = harness.write_results(rows, header, out_dir, bench.name)

@@ -116,6 +116,7 @@ class OpBenchmark:
     cpu_dtypes: tuple[torch.dtype, ...] = (torch.float32,)
     bytes_moved: Callable[[Case], int] | None = None
     flops: Callable[[Case], float] | None = None
+    modes: tuple[str, ...] = MODES  # the modes that mean something for this op (a training step: "fwd" only)
 
 
 @dataclass(frozen=True)
