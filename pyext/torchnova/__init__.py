@@ -7,6 +7,9 @@ Public API::
                       backend="auto")
     torchnova.MESA(model, decay=0.9998, temperature=5.0, weight=0.8, start_epoch=5, end_epoch=None)
     torchnova.SAF(num_samples, num_classes, epochs_ago=3, temperature=5.0, weight=0.3, start_epoch=5)
+    torchnova.temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
+    torchnova.spatial_attention(q, k, v, *, scale=None, backend="auto")
+    torchnova.relative_position_buckets(T, num_buckets=32, max_distance=32)
 
 Backends: "reference" (PyTorch), "cpp" (C++/OpenMP, CPU), "triton" and "cuda" (GPU). ``backend="auto"`` or the
 ``TORCHNOVA_BACKEND`` environment variable choose; ``python -m torchnova.info`` shows what can run here.
@@ -15,6 +18,10 @@ Backends: "reference" (PyTorch), "cpp" (C++/OpenMP, CPU), "triton" and "cuda" (G
 from . import _backend, _ext
 from . import nn
 from .mesa import MESA, SAF, mesa_kl
+from .spacetime import relative_position_buckets, spatial_attention, temporal_attention
 
 __version__ = "0.1.0"
-__all__ = ["mesa_kl", "MESA", "SAF", "nn", "__version__"]
+__all__ = [
+    "mesa_kl", "MESA", "SAF", "spatial_attention", "temporal_attention", "relative_position_buckets", "nn",
+    "__version__",
+]  # fmt: skip

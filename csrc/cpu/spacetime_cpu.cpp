@@ -1,0 +1,444 @@
+// Factorized space-time attention, CPU kernels (the "cpp" backend). Schemas: csrc/spacetime_ops.cpp.
+//
+// Layout (B, T, S, H, D); q, k, v any strides with stride(-1) == 1; outputs contiguous.
+//
+// temporal: one problem per (b, s, h), a sequence over the T frames (a huge batch of tiny problems):
+//   s_ij = scale * q_i . k_j + bias[h, i, j]        visible(i, j) = seg[b,i] == seg[b,j] && (!causal || j <= i)
+//   lse_i = log sum_{j visible} exp(s_ij),  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
+// backward (P recomputed from lse):
+//   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
+//   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dO_i,
+//   dbias[h, i, j] = sum over all (b, s) problems of dS_ij
+// Each problem's T x D tiles of q, k, v (and dO, O in backward) are copied to thread-local buffers in the
+// accumulation type, so the T x T work runs on contiguous rows. at::parallel_for over problems.
+// dbias is reduced deterministically: problems are cut into a number of chunks that depends only on the
+// problem count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
+// are added in chunk order, so two runs give bit-identical results on any machine.
+//
+// spatial: one problem per (b, t, h), a sequence over the S tokens of a frame, no mask, no bias. Queries are
+// processed in blocks of kQueryBlock against all keys of the problem: scores (block x S) in a thread-local
+// buffer, exact softmax per row (the whole row is there, so no online rescaling is needed on CPU), then
+// P . V. Backward per problem: for each query block recompute P, dP = dO V^T, dS = P (dP - delta),
+// dq = scale dS K, and accumulate dk += scale dS^T q, dv += P^T dO in thread-local (S x D) buffers.
+//
+// float32 / float16 / bfloat16 inputs accumulate in float32; float64 in double (the gradcheck path).
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace torchnova {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kMaxBiasChunks = 256;
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+// Strided view of one (B, T, S, H, D) tensor: element (b, t, s, h, d) at b*sb + t*st + s*ss + h*sh + d.
+template <typename scalar_t>
+struct View5 {
+  const scalar_t* data;
+  int64_t sb, st, ss, sh;
+  explicit View5(const at::Tensor& x)
+      : data(x.data_ptr<scalar_t>()), sb(x.stride(0)), st(x.stride(1)), ss(x.stride(2)), sh(x.stride(3)) {}
+  const scalar_t* row(int64_t b, int64_t t, int64_t s, int64_t h) const { return data + b * sb + t * st + s * ss + h * sh; }
+};
+
+template <typename scalar_t, typename acc_t>
+inline void load_row(const scalar_t* src, acc_t* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 5, op, ": q must have shape (B, T, S, H, D), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
+              ", got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expected CPU tensors");
+  TORCH_CHECK(q.is_floating_point(), op, ": q must be floating point, got ", q.scalar_type());
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->size(4) <= 1 || t->stride(4) == 1, op, ": q, k, v need stride(-1) == 1, got strides ",
+                t->strides());
+  }
+}
+
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ----------------------------------------------------------------------------------------------------------
+// temporal
+// ----------------------------------------------------------------------------------------------------------
+
+struct TemporalMask {
+  const int64_t* seg;  // (B, T) or nullptr
+  bool causal;
+  int64_t T;
+  bool visible(int64_t b, int64_t i, int64_t j) const {
+    if (causal && j > i) return false;
+    return seg == nullptr || seg[b * T + i] == seg[b * T + j];
+  }
+};
+
+void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& segment_ids) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(3);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == H && bias->size(1) == T && bias->size(2) == T, op,
+                ": bias must have shape (H, T, T) = (", H, ", ", T, ", ", T, "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == acc_type(q.scalar_type()) && bias->is_contiguous() && bias->device().is_cpu(),
+                op, ": bias must be a contiguous CPU ", acc_type(q.scalar_type()), " tensor, got ", bias->scalar_type());
+  }
+  if (segment_ids.has_value()) {
+    TORCH_CHECK(segment_ids->dim() == 2 && segment_ids->size(0) == B && segment_ids->size(1) == T, op,
+                ": segment_ids must have shape (B, T) = (", B, ", ", T, "), got ", segment_ids->sizes());
+    TORCH_CHECK(segment_ids->scalar_type() == at::kLong && segment_ids->is_contiguous() &&
+                    segment_ids->device().is_cpu(),
+                op, ": segment_ids must be a contiguous CPU int64 tensor, got ", segment_ids->scalar_type());
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* bias,
+                       const TemporalMask& mask, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const View5<scalar_t> qv(q), kv(k), vv(v);
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  const int64_t problems = B * S * H;
+  at::parallel_for(0, problems, std::max<int64_t>(1, 4096 / std::max<int64_t>(T * T, 1)), [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), scores(T), acc(D);
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t h = p % H, s = (p / H) % S, b = p / (H * S);
+      for (int64_t t = 0; t < T; ++t) {
+        load_row(qv.row(b, t, s, h), &qb[t * D], D);
+        load_row(kv.row(b, t, s, h), &kb[t * D], D);
+        load_row(vv.row(b, t, s, h), &vb[t * D], D);
+      }
+      for (int64_t i = 0; i < T; ++i) {
+        acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+        for (int64_t j = 0; j < T; ++j) {
+          if (!mask.visible(b, i, j)) {
+            scores[j] = -std::numeric_limits<acc_t>::infinity();
+            continue;
+          }
+          scores[j] = scale * dot(&qb[i * D], &kb[j * D], D) + (bias ? bias[(h * T + i) * T + j] : acc_t(0));
+          row_max = std::max(row_max, scores[j]);
+        }
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t sum = 0;
+        for (int64_t j = 0; j < T; ++j) {
+          if (scores[j] == -std::numeric_limits<acc_t>::infinity()) continue;  // masked: exactly 0
+          const acc_t e = std::exp(scores[j] - row_max);
+          sum += e;
+          axpy(e, &vb[j * D], acc.data(), D);
+        }
+        // The diagonal is always visible, so sum >= 1 and row_max is finite.
+        scalar_t* o = out_p + (((b * T + i) * S + s) * H + h) * D;
+        const acc_t inv = acc_t(1) / sum;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+        lse_p[((b * T + i) * S + s) * H + h] = row_max + std::log(sum);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& lse, const acc_t* bias, const TemporalMask& mask,
+                       acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* dbias) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
+  const int64_t problems = B * S * H;
+  // Deterministic dbias: a chunk count that depends on the problem count only.
+  const int64_t chunks = dbias ? std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (problems + 63) / 64)) : 1;
+  const int64_t per_chunk = (problems + chunks - 1) / chunks;
+  std::vector<acc_t> partial(dbias ? chunks * H * T * T : 0, acc_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
+    std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), gb(T * D), dqb(T * D), dkb(T * D), dvb(T * D);
+    std::vector<acc_t> prob(T * T), delta(T);
+    for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
+      acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
+      for (int64_t p = chunk * per_chunk; p < std::min(problems, (chunk + 1) * per_chunk); ++p) {
+        const int64_t h = p % H, s = (p / H) % S, b = p / (H * S);
+        for (int64_t t = 0; t < T; ++t) {
+          load_row(qv.row(b, t, s, h), &qb[t * D], D);
+          load_row(kv.row(b, t, s, h), &kb[t * D], D);
+          load_row(vv.row(b, t, s, h), &vb[t * D], D);
+          load_row(gv.row(b, t, s, h), &gb[t * D], D);
+          std::vector<acc_t>& ob = dqb;  // O is only needed for delta: borrow dq's buffer before it is zeroed
+          load_row(ov.row(b, t, s, h), &ob[t * D], D);
+          delta[t] = dot(&gb[t * D], &ob[t * D], D);
+        }
+        std::fill(dqb.begin(), dqb.end(), acc_t(0));
+        std::fill(dkb.begin(), dkb.end(), acc_t(0));
+        std::fill(dvb.begin(), dvb.end(), acc_t(0));
+        for (int64_t i = 0; i < T; ++i) {
+          const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
+          for (int64_t j = 0; j < T; ++j) {
+            if (!mask.visible(b, i, j)) continue;
+            const acc_t score = scale * dot(&qb[i * D], &kb[j * D], D) + (bias ? bias[(h * T + i) * T + j] : acc_t(0));
+            const acc_t pij = std::exp(score - row_lse);
+            const acc_t dsij = pij * (dot(&gb[i * D], &vb[j * D], D) - delta[i]);
+            axpy(pij, &gb[i * D], &dvb[j * D], D);
+            axpy(scale * dsij, &kb[j * D], &dqb[i * D], D);
+            axpy(scale * dsij, &qb[i * D], &dkb[j * D], D);
+            if (chunk_bias) chunk_bias[(h * T + i) * T + j] += dsij;
+          }
+        }
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t offset = (((b * T + t) * S + s) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            dq_p[offset + d] = static_cast<scalar_t>(dqb[t * D + d]);
+            dk_p[offset + d] = static_cast<scalar_t>(dkb[t * D + d]);
+            dv_p[offset + d] = static_cast<scalar_t>(dvb[t * D + d]);
+          }
+        }
+      }
+    }
+  });
+  if (dbias) {
+    const int64_t n = H * T * T;
+    std::fill(dbias, dbias + n, acc_t(0));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t e = 0; e < n; ++e) dbias[e] += partial[chunk * n + e];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const c10::optional<at::Tensor>& segment_ids,
+                                                              bool causal, double scale) {
+  check_qkv("temporal_attention_fwd", q, k, v);
+  check_temporal_extras("temporal_attention_fwd", q, bias, segment_ids);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  const TemporalMask mask{segment_ids.has_value() ? segment_ids->data_ptr<int64_t>() : nullptr, causal, q.size(1)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
+    temporal_fwd_impl<scalar_t, acc_t>(q, k, v, bias_p, mask, static_cast<acc_t>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, bool needs_bias_grad, bool deterministic) {
+  (void)deterministic;  // the CPU reduction is always deterministic (see the file header)
+  check_qkv("temporal_attention_bwd", q, k, v);
+  check_temporal_extras("temporal_attention_bwd", q, bias, segment_ids);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "temporal_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "temporal_attention_bwd: grad_out and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, "temporal_attention_bwd: grad_out needs stride(-1) == 1");
+  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, "temporal_attention_bwd: out needs stride(-1) == 1");
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2) && lse.size(3) == q.size(3),
+              "temporal_attention_bwd: lse must be ", acc, " of shape (B, T, S, H), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
+  at::Tensor dbias = needs_bias_grad ? at::zeros({q.size(3), q.size(1), q.size(1)}, q.options().dtype(acc))
+                                     : at::empty({0}, q.options().dtype(acc));
+  if (q.numel() == 0) return {dq, dk, dv, dbias};
+  const TemporalMask mask{segment_ids.has_value() ? segment_ids->data_ptr<int64_t>() : nullptr, causal, q.size(1)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
+    temporal_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, bias_p, mask, static_cast<acc_t>(scale), dq, dk,
+                                       dv, needs_bias_grad ? dbias.data_ptr<acc_t>() : nullptr);
+  });
+  return {dq, dk, dv, dbias};
+}
+
+// ----------------------------------------------------------------------------------------------------------
+// spatial
+// ----------------------------------------------------------------------------------------------------------
+
+// Scores of one query block against all S keys, softmaxed in place with the rows' lse (computed when
+// lse_in is null and written to lse_out).
+template <typename acc_t>
+void block_probabilities(const acc_t* qb, const acc_t* kb, int64_t rows, int64_t S, int64_t D, acc_t scale,
+                         acc_t* probs, const acc_t* lse_in, acc_t* lse_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* row = probs + r * S;
+    for (int64_t j = 0; j < S; ++j) row[j] = scale * dot(qb + r * D, kb + j * D, D);
+    acc_t row_lse;
+    if (lse_in) {
+      row_lse = lse_in[r];
+    } else {
+      acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t j = 0; j < S; ++j) row_max = std::max(row_max, row[j]);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < S; ++j) sum += std::exp(row[j] - row_max);
+      row_lse = row_max + std::log(sum);
+      lse_out[r] = row_lse;
+    }
+    for (int64_t j = 0; j < S; ++j) row[j] = std::exp(row[j] - row_lse);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void spatial_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, acc_t scale, at::Tensor& out,
+                      at::Tensor& lse) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const View5<scalar_t> qv(q), kv(k), vv(v);
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  at::parallel_for(0, B * T * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> kb(S * D), vb(S * D), qb(kQueryBlock * D), probs(kQueryBlock * S), block_lse(kQueryBlock),
+        acc(D);
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t h = p % H, t = (p / H) % T, b = p / (H * T);
+      for (int64_t s = 0; s < S; ++s) {
+        load_row(kv.row(b, t, s, h), &kb[s * D], D);
+        load_row(vv.row(b, t, s, h), &vb[s * D], D);
+      }
+      for (int64_t start = 0; start < S; start += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, S - start);
+        for (int64_t r = 0; r < rows; ++r) load_row(qv.row(b, t, start + r, h), &qb[r * D], D);
+        block_probabilities(qb.data(), kb.data(), rows, S, D, scale, probs.data(), static_cast<const acc_t*>(nullptr),
+                            block_lse.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t j = 0; j < S; ++j) axpy(probs[r * S + j], &vb[j * D], acc.data(), D);
+          const int64_t token = ((b * T + t) * S + start + r) * H + h;
+          for (int64_t d = 0; d < D; ++d) out_p[token * D + d] = static_cast<scalar_t>(acc[d]);
+          lse_p[token] = block_lse[r];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void spatial_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& out, const at::Tensor& lse, acc_t scale, at::Tensor& dq, at::Tensor& dk,
+                      at::Tensor& dv) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
+  at::parallel_for(0, B * T * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<acc_t> kb(S * D), vb(S * D), dkb(S * D), dvb(S * D), qb(kQueryBlock * D), gb(kQueryBlock * D),
+        ob(D), probs(kQueryBlock * S), block_lse(kQueryBlock), delta(kQueryBlock), dqrow(D);
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t h = p % H, t = (p / H) % T, b = p / (H * T);
+      for (int64_t s = 0; s < S; ++s) {
+        load_row(kv.row(b, t, s, h), &kb[s * D], D);
+        load_row(vv.row(b, t, s, h), &vb[s * D], D);
+      }
+      std::fill(dkb.begin(), dkb.end(), acc_t(0));
+      std::fill(dvb.begin(), dvb.end(), acc_t(0));
+      for (int64_t start = 0; start < S; start += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, S - start);
+        for (int64_t r = 0; r < rows; ++r) {
+          load_row(qv.row(b, t, start + r, h), &qb[r * D], D);
+          load_row(gv.row(b, t, start + r, h), &gb[r * D], D);
+          load_row(ov.row(b, t, start + r, h), ob.data(), D);
+          delta[r] = dot(&gb[r * D], ob.data(), D);
+          block_lse[r] = lse_p[((b * T + t) * S + start + r) * H + h];
+        }
+        block_probabilities(qb.data(), kb.data(), rows, S, D, scale, probs.data(), block_lse.data(),
+                            static_cast<acc_t*>(nullptr));
+        for (int64_t r = 0; r < rows; ++r) {
+          std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
+          for (int64_t j = 0; j < S; ++j) {
+            const acc_t pij = probs[r * S + j];
+            const acc_t dsij = pij * (dot(&gb[r * D], &vb[j * D], D) - delta[r]);
+            axpy(pij, &gb[r * D], &dvb[j * D], D);
+            axpy(scale * dsij, &kb[j * D], dqrow.data(), D);
+            axpy(scale * dsij, &qb[r * D], &dkb[j * D], D);
+          }
+          const int64_t token = ((b * T + t) * S + start + r) * H + h;
+          for (int64_t d = 0; d < D; ++d) dq_p[token * D + d] = static_cast<scalar_t>(dqrow[d]);
+        }
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t token = ((b * T + t) * S + s) * H + h;
+        for (int64_t d = 0; d < D; ++d) {
+          dk_p[token * D + d] = static_cast<scalar_t>(dkb[s * D + d]);
+          dv_p[token * D + d] = static_cast<scalar_t>(dvb[s * D + d]);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, double scale) {
+  check_qkv("spatial_attention_fwd", q, k, v);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "spatial_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    spatial_fwd_impl<scalar_t, acc_t>(q, k, v, static_cast<acc_t>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cpu(const at::Tensor& grad_out,
+                                                                         const at::Tensor& q, const at::Tensor& k,
+                                                                         const at::Tensor& v, const at::Tensor& out,
+                                                                         const at::Tensor& lse, double scale) {
+  check_qkv("spatial_attention_bwd", q, k, v);
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+              "spatial_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "spatial_attention_bwd: grad_out and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, "spatial_attention_bwd: grad_out needs stride(-1) == 1");
+  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, "spatial_attention_bwd: out needs stride(-1) == 1");
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2) && lse.size(3) == q.size(3),
+              "spatial_attention_bwd: lse must be ", acc, " of shape (B, T, S, H), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
+  if (q.numel() == 0) return {dq, dk, dv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "spatial_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    spatial_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, static_cast<acc_t>(scale), dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchnova, CPU, m) {
+  m.impl("temporal_attention_fwd", &temporal_attention_fwd_cpu);
+  m.impl("temporal_attention_bwd", &temporal_attention_bwd_cpu);
+  m.impl("spatial_attention_fwd", &spatial_attention_fwd_cpu);
+  m.impl("spatial_attention_bwd", &spatial_attention_bwd_cpu);
+}
+
+}  // namespace torchnova

@@ -1,0 +1,235 @@
+"""Factorized space-time attention ops: validation, backend selection, torch.library registration.
+
+    spatial_attention(q, k, v, *, scale=None, backend="auto")
+    temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
+
+Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
+read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
+``reference.py``. Backends, fastest first: ``cpp`` (CPU tensors), ``reference``. The C++ ops
+(csrc/spacetime_ops.cpp) return (out, lse); the backward recomputes the probabilities from lse. The bias
+gradient is reduced in a fixed order on every backend that runs here (bit-identical across runs).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _backend, _ext
+from .._library import accumulation_dtype
+from .reference import spatial_attention_ref, temporal_attention_ref
+
+_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cpp_reasons(q, **_):
+    return _backend.extension_reasons() + _backend.device_reasons(q.device, ("cpu",)) + _backend.dtype_reasons(
+        q.dtype, _CPP_DTYPES
+    )
+
+
+def _reference_reasons(q, **_):
+    return []
+
+
+for _op in ("temporal_attention", "spatial_attention"):
+    _backend.register(_op, "cpp", _cpp_reasons)
+    _backend.register(_op, "reference", _reference_reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Op registration (fake shapes, autograd)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _outputs_like(q):
+    lse = q.new_empty(q.shape[:4], dtype=accumulation_dtype(q.dtype))
+    return q.new_empty(q.shape), lse
+
+
+def _temporal_fwd_fake(q, k, v, bias, segment_ids, causal, scale):
+    return _outputs_like(q)
+
+
+def _temporal_bwd_fake(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, deterministic):
+    T, H = q.shape[1], q.shape[3]
+    acc = accumulation_dtype(q.dtype)
+    dbias = q.new_empty((H, T, T) if needs_bias_grad else (0,), dtype=acc)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dbias
+
+
+def _temporal_setup(ctx, inputs, output):
+    q, k, v, bias, segment_ids, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(q, k, v, out, lse, bias, segment_ids)
+
+
+def _temporal_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias, segment_ids = ctx.saved_tensors
+    needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = torch.ops.torchnova.temporal_attention_bwd(
+        grad_out.contiguous(), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
+        torch.are_deterministic_algorithms_enabled(),
+    )  # fmt: skip
+    return dq, dk, dv, (dbias if needs_bias_grad else None), None, None, None
+
+
+def _spatial_fwd_fake(q, k, v, scale):
+    return _outputs_like(q)
+
+
+def _spatial_bwd_fake(grad_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _spatial_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, out, lse)
+
+
+def _spatial_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.torchnova.spatial_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+if _ext.HAS_CPP:
+    torch.library.register_fake("torchnova::temporal_attention_fwd")(_temporal_fwd_fake)
+    torch.library.register_fake("torchnova::temporal_attention_bwd")(_temporal_bwd_fake)
+    torch.library.register_autograd(
+        "torchnova::temporal_attention_fwd", _temporal_backward, setup_context=_temporal_setup
+    )
+    torch.library.register_fake("torchnova::spatial_attention_fwd")(_spatial_fwd_fake)
+    torch.library.register_fake("torchnova::spatial_attention_bwd")(_spatial_bwd_fake)
+    torch.library.register_autograd("torchnova::spatial_attention_fwd", _spatial_backward, setup_context=_spatial_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _validate_qkv(op: str, q, k, v, scale) -> float:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype={x.dtype}")
+        if x.dim() != 5:
+            raise ValueError(f"{op}: {name} must have shape (B, T, S, H, D) (5 dims), got {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"{op}: {name} must have q's shape {tuple(q.shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {x.device}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{op}: the head dim D must be >= 1, got q of shape {tuple(q.shape)}")
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0 < float(scale) < float("inf")):
+        raise ValueError(f"{op}: scale must be a finite number > 0 or None, got {scale!r}")
+    return float(scale)
+
+
+def _validate_temporal_extras(q, bias, segment_ids, causal) -> None:
+    op = "temporal_attention"
+    B, T, _, H, _ = q.shape
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise TypeError(f"{op}: bias must be a floating-point tensor of shape (H, T, T), got {got}")
+        if tuple(bias.shape) != (H, T, T):
+            raise ValueError(f"{op}: bias must have shape (H, T, T) = {(H, T, T)}, got {tuple(bias.shape)}")
+        if bias.device != q.device:
+            raise ValueError(f"{op}: bias must be on q's device {q.device}, got {bias.device}")
+    if segment_ids is not None:
+        if not isinstance(segment_ids, torch.Tensor) or segment_ids.dtype.is_floating_point or segment_ids.dtype in (
+            torch.bool, torch.complex64, torch.complex128
+        ):  # fmt: skip
+            got = segment_ids.dtype if isinstance(segment_ids, torch.Tensor) else type(segment_ids).__name__
+            raise TypeError(f"{op}: segment_ids must be an integer tensor of shape (B, T), got {got}")
+        if tuple(segment_ids.shape) != (B, T):
+            raise ValueError(f"{op}: segment_ids must have shape (B, T) = {(B, T)}, got {tuple(segment_ids.shape)}")
+        if segment_ids.device != q.device:
+            raise ValueError(f"{op}: segment_ids must be on q's device {q.device}, got {segment_ids.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def temporal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention across the T frames at every (batch, spatial token, head) of (B, T, S, H, D) tensors.
+
+    Args:
+        q, k, v: (B, T, S, H, D), same dtype and device; any strides.
+        bias: optional (H, T, T) float added to the scaled scores (e.g. ``RelativePositionBias``); gets a
+            gradient, reduced over all B·S problems in a fixed order.
+        segment_ids: optional (B, T) integers; key j is visible to query i iff their ids are equal (joint
+            image-video training: video frames share an id, every appended image has its own).
+        causal: keys after the query are invisible. Combines with segment_ids; the diagonal stays visible.
+        scale: score scale, default D ** -0.5.
+        backend: "auto", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+
+    Returns:
+        (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
+    """
+    scale = _validate_qkv("temporal_attention", q, k, v, scale)
+    _validate_temporal_extras(q, bias, segment_ids, causal)
+    name = _backend.select("temporal_attention", backend, q=q, k=k, v=v, bias=bias, segment_ids=segment_ids)
+    if name == "reference":
+        return temporal_attention_ref(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal, scale=scale)
+    acc = accumulation_dtype(q.dtype)
+    bias_acc = bias.to(acc).contiguous() if bias is not None else None
+    segments = segment_ids.to(torch.int64).contiguous() if segment_ids is not None else None
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out, _ = torch.ops.torchnova.temporal_attention_fwd(q, k, v, bias_acc, segments, causal, scale)
+    return out
+
+
+def spatial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """Attention among the S tokens of every (batch, frame, head) of (B, T, S, H, D) tensors (no mask).
+
+    Args:
+        q, k, v: (B, T, S, H, D), same dtype and device; any strides.
+        scale: score scale, default D ** -0.5.
+        backend: "auto", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+    """
+    scale = _validate_qkv("spatial_attention", q, k, v, scale)
+    name = _backend.select("spatial_attention", backend, q=q, k=k, v=v)
+    if name == "reference":
+        return spatial_attention_ref(q, k, v, scale=scale)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    out, _ = torch.ops.torchnova.spatial_attention_fwd(q, k, v, scale)
+    return out
