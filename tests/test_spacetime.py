@@ -1,0 +1,215 @@
+"""Factorized space-time attention: every backend vs the float64 reference, forward and every gradient.
+
+Odd sizes (T = 1, 7; S = 1, 5, 70 across a query block; D = 40, 72, 88), every option combination, strided q/k/v
+sliced out of one fused qkv tensor, a 70,000-problem temporal batch, determinism, gradcheck, opcheck, compile,
+bad input.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+import torchnova
+from torchnova.spacetime.reference import spatial_attention_ref, temporal_attention_ref
+from utils import assert_close, backend_device_params, skip_unless_runs
+
+TEMPORAL_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 5, 3, 40), (1, 5, 3, 2, 72), (2, 3, 2, 1, 88)]  # (B, T, S, H, D)
+SPATIAL_SHAPES = [(1, 1, 1, 1, 8), (2, 2, 5, 3, 40), (1, 1, 70, 2, 72), (1, 2, 3, 1, 88)]
+OPTIONS = list(itertools.product([False, True], [False, True], [False, True]))  # (bias, segments, causal)
+
+
+def fused_qkv(shape, dtype, device="cpu", requires_grad=True):
+    """q, k, v as strided views of one (B, T, S, 3, H, D) projection, as a model produces them."""
+    B, T, S, H, D = shape
+    qkv = torch.randn(B, T, S, 3, H, D, dtype=dtype, device=device)
+    if requires_grad:
+        qkv.requires_grad_(True)
+    return qkv, qkv.unbind(dim=3)
+
+
+def segments_for(B, T):
+    """Video frames share id 0, then every appended image has its own id (VDM joint training)."""
+    video = max(1, T - 2)
+    ids = [0] * video + list(range(1, T - video + 1))
+    return torch.tensor([ids, list(range(T))][:B] if B <= 2 else [ids] * B, dtype=torch.int64)
+
+
+def grads(out, inputs, seed=1):
+    generator = torch.Generator(device=out.device).manual_seed(seed)
+    # Drawn in float64, then cast: the same upstream gradient for a kernel and for its float64 reference.
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64, device=out.device).to(out.dtype)
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params("temporal_attention"))
+@pytest.mark.parametrize("shape", TEMPORAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("use_bias, use_segments, causal", OPTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_temporal_matches_reference(backend, device, shape, use_bias, use_segments, causal, dtype):
+    B, T, S, H, D = shape
+    qkv, (q, k, v) = fused_qkv(shape, dtype, device)
+    skip_unless_runs("temporal_attention", backend, q=q, k=k, v=v)
+    bias = torch.randn(H, T, T, dtype=dtype, device=device, requires_grad=True) if use_bias else None
+    segments = segments_for(B, T).to(device) if use_segments else None
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments, causal=causal, backend=backend)
+
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    bias64 = bias.detach().double().requires_grad_(True) if use_bias else None
+    expected = temporal_attention_ref(q64, k64, v64, bias=bias64, segment_ids=segments, causal=causal)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype, "fwd", "out")
+    inputs, inputs64 = [q, k, v], [q64, k64, v64]
+    if use_bias:
+        inputs.append(bias)
+        inputs64.append(bias64)
+    for name, got, want in zip(["dq", "dk", "dv", "dbias"], grads(out, inputs), grads(expected, inputs64)):
+        assert_close(got, want, dtype, "grad", name)
+
+
+@pytest.mark.parametrize("backend, device", backend_device_params("spatial_attention"))
+@pytest.mark.parametrize("shape", SPATIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spatial_matches_reference(backend, device, shape, dtype):
+    qkv, (q, k, v) = fused_qkv(shape, dtype, device)
+    skip_unless_runs("spatial_attention", backend, q=q, k=k, v=v)
+    out = torchnova.spatial_attention(q, k, v, scale=0.3, backend=backend)
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    expected = spatial_attention_ref(q64, k64, v64, scale=0.3)
+    assert_close(out, expected, dtype, "fwd", "out")
+    for name, got, want in zip(["dq", "dk", "dv"], grads(out, [q, k, v]), grads(expected, [q64, k64, v64])):
+        assert_close(got, want, dtype, "grad", name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpp_half_precision_upcasts_inside(dtype):
+    """fp16/bf16 on the cpp backend: fp32 math inside, error within the low-precision reference's own error."""
+    qkv, (q, k, v) = fused_qkv((2, 5, 3, 2, 40), dtype)
+    bias = torch.randn(2, 5, 5)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, causal=True, backend="cpp")
+    low = temporal_attention_ref(q, k, v, bias=bias, causal=True)  # same inputs, reference in the same dtype
+    exact = temporal_attention_ref(q.double(), k.double(), v.double(), bias=bias.double(), causal=True)
+    assert out.dtype == dtype
+    err, ref_err = (out.double() - exact).abs().max(), (low.double() - exact).abs().max()
+    assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_more_than_65535_temporal_problems():
+    """B·S·H = 70,000 problems in one launch (SDPA's flash/efficient kernels fail above 65,535)."""
+    shape = (1, 3, 35_000, 2, 8)
+    qkv, (q, k, v) = fused_qkv(shape, torch.float32)
+    bias = torch.randn(2, 3, 3, requires_grad=True)
+    segments = torch.tensor([[0, 0, 1]])
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments, backend="cpp")
+    expected = temporal_attention_ref(q.double(), k.double(), v.double(), bias=bias.double(), segment_ids=segments)
+    assert_close(out, expected, torch.float32, "fwd", "out")
+    dq, dbias = grads(out, [q, bias])
+    q64, bias64 = q.detach().double().requires_grad_(True), bias.detach().double().requires_grad_(True)
+    expected = temporal_attention_ref(q64, k.double(), v.double(), bias=bias64, segment_ids=segments)
+    dq64, dbias64 = grads(expected, [q64, bias64])
+    assert_close(dq, dq64, torch.float32, "grad", "dq")
+    assert_close(dbias, dbias64, torch.float32, "grad", "dbias")
+
+
+def test_bias_gradient_is_bit_identical_across_runs():
+    qkv, (q, k, v) = fused_qkv((2, 6, 300, 2, 16), torch.float32)
+    bias = torch.randn(2, 6, 6, requires_grad=True)
+    results = []
+    for _ in range(2):
+        out = torchnova.temporal_attention(q, k, v, bias=bias, causal=True, backend="cpp")
+        results.append(grads(out, [bias, q]))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_gradcheck_cpp_float64():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 3, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
+    segments = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]])
+
+    def temporal(q, k, v, bias):
+        return torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments, causal=True, backend="cpp")
+
+    assert torch.autograd.gradcheck(temporal, (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda q, k, v: torchnova.spatial_attention(q, k, v, backend="cpp"), (q, k, v))
+
+
+def test_opcheck_every_op():
+    qkv, (q, k, v) = fused_qkv((2, 4, 3, 2, 8), torch.float32, requires_grad=False)
+    bias = torch.randn(2, 4, 4)
+    segments = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]])
+    ops = torch.ops.torchnova
+    for b, s, causal in [(bias, segments, True), (None, None, False)]:
+        # Differentiable inputs exercise the registered autograd formula; the backward ops get plain tensors.
+        q_grad, b_grad = q.clone().requires_grad_(True), b.clone().requires_grad_(True) if b is not None else None
+        torch.library.opcheck(ops.temporal_attention_fwd.default, (q_grad, k, v, b_grad, s, causal, 0.5))
+        out, lse = ops.temporal_attention_fwd(q, k, v, b, s, causal, 0.5)
+        grad_out = torch.randn_like(out)
+        args = (grad_out, q, k, v, out, lse, b, s, causal, 0.5, b is not None, True)
+        torch.library.opcheck(ops.temporal_attention_bwd.default, args)
+    torch.library.opcheck(ops.spatial_attention_fwd.default, (q.clone().requires_grad_(True), k, v, 0.5))
+    out, lse = ops.spatial_attention_fwd(q, k, v, 0.5)
+    torch.library.opcheck(ops.spatial_attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, 0.5))
+
+
+def test_compiles_fullgraph_without_recompiles():
+    qkv, (q, k, v) = fused_qkv((1, 4, 3, 2, 8), torch.float32)
+    bias = torch.randn(2, 4, 4, requires_grad=True)
+
+    def block(q, k, v, bias):
+        x = torchnova.spatial_attention(q, k, v, backend="cpp")
+        return torchnova.temporal_attention(x, k, v, bias=bias, causal=True, backend="cpp").sum()
+
+    torch.compiler.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=1, error_on_recompile=True):
+        loss = compiled(q, k, v, bias)
+        loss.backward()
+        loss_again = compiled(q, k, v, bias)
+    torch.testing.assert_close(loss, block(q, k, v, bias))
+    torch.testing.assert_close(loss_again, loss)
+    assert bias.grad is not None and qkv.grad is not None
+
+
+def test_relative_position_buckets_t5():
+    buckets = torchnova.relative_position_buckets(17)
+    # Keys before the query (n = i - j > 0): exact below 8, then log-spaced (PAPERS.md's LUT for |n| = 0..16).
+    assert buckets[16].flip(0).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 8, 9, 9, 10, 10, 11, 11, 12]
+    # Keys after the query use the upper half of the buckets: 16 + the same ladder (bucket 16 itself unused).
+    assert buckets[0, 1:].tolist() == [17, 18, 19, 20, 21, 22, 23, 24, 24, 25, 25, 26, 26, 27, 27, 28]
+    far = torchnova.relative_position_buckets(64)
+    assert far[63, 0] == 15 and far[0, 63] == 31  # clipped at each half's last bucket
+    assert torchnova.relative_position_buckets(1).tolist() == [[0]]
+    with pytest.raises(ValueError, match="T must be an int >= 1"):
+        torchnova.relative_position_buckets(0)
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda q: dict(q=q[0]), ValueError, r"q must have shape \(B, T, S, H, D\) \(5 dims\)"),
+        (lambda q: dict(k=q[..., :4]), ValueError, "k must have q's shape"),
+        (lambda q: dict(v=q.double()), TypeError, "v must have q's dtype"),
+        (lambda q: dict(q=q.int(), k=q.int(), v=q.int()), TypeError, "q must be a floating-point tensor"),
+        (lambda q: dict(bias=torch.randn(2, 4, 3)), ValueError, r"bias must have shape \(H, T, T\) = \(2, 4, 4\)"),
+        (lambda q: dict(segment_ids=torch.zeros(2, 4)), TypeError, "segment_ids must be an integer tensor"),
+        (lambda q: dict(segment_ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, r"segment_ids must have shape"),
+        (lambda q: dict(causal=1), TypeError, "causal must be a bool"),
+        (lambda q: dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
+        (lambda q: dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_input_names_the_argument(make, error, match):
+    q = torch.randn(2, 4, 3, 2, 8)
+    kwargs = dict(q=q, k=q.clone(), v=q.clone())
+    kwargs.update(make(q))
+    with pytest.raises(error, match=match):
+        torchnova.temporal_attention(kwargs.pop("q"), kwargs.pop("k"), kwargs.pop("v"), **kwargs)
+
+
+def test_forced_backend_that_cannot_run_lists_reasons():
+    q = torch.empty(1, 2, 3, 1, 4, device="meta")
+    with pytest.raises(ValueError, match=r"backend='cpp' cannot run these inputs(.|\n)*device=meta"):
+        torchnova.spatial_attention(q, q, q, backend="cpp")
+    with pytest.raises(ValueError, match="k must be on q's device"):
+        torchnova.spatial_attention(torch.randn(1, 2, 3, 1, 4), q, q)
