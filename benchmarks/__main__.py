@@ -28,6 +28,8 @@ OP_MODULES = {
     "mesa_kl": "benchmarks.bench_mesa_kl",
     "mesa_step": "benchmarks.bench_mesa_training:mesa_step_benchmark",
     "ema_update": "benchmarks.bench_mesa_training:ema_benchmark",
+    "temporal_attention": "benchmarks.bench_spacetime:temporal_benchmark",
+    "spatial_attention": "benchmarks.bench_spacetime:spatial_benchmark",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

@@ -14,8 +14,9 @@
 //
 // float32 / float16 / bfloat16 rows are processed in float32 with a vectorizable exp (Cody-Waite range
 // reduction + degree-6 polynomial, ~2 ulp); float64 rows in double with std::exp (the gradcheck path).
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "cpu_dispatch.h"
 
 #include <cmath>
 #include <algorithm>
@@ -26,35 +27,10 @@
 namespace torchnova {
 namespace {
 
-// The row loops are force-inlined into two copies: one compiled for AVX2+FMA (8-wide exp polynomial), taken
-// when the CPU has them, and one for the baseline ISA (SSE2 on x86-64). Inlining a baseline function into an
-// AVX2 function is allowed; the reverse is not, hence always_inline on everything the loops call.
-#define TORCHNOVA_INLINE __attribute__((always_inline)) inline
-#define TORCHNOVA_LAMBDA_INLINE __attribute__((always_inline))
-
-template <typename Body>
-void run_rows_baseline(const Body& body, int64_t begin, int64_t end) {
-  body(begin, end);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename Body>
-__attribute__((target("avx2,fma"))) void run_rows_avx2(const Body& body, int64_t begin, int64_t end) {
-  body(begin, end);
-}
-const bool kCpuHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-
-// at::parallel_for (OpenMP in PyTorch's builds) over rows, each chunk run by the best compiled copy.
+// at::parallel_for over rows, each chunk run by the best compiled copy (csrc/cpu/cpu_dispatch.h).
 template <typename Body>
 void parallel_rows(int64_t rows, int64_t classes, const Body& body) {
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (kCpuHasAvx2) return run_rows_avx2(body, begin, end);
-#endif
-    run_rows_baseline(body, begin, end);
-  });
+  cpu::parallel_for_isa(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(classes, 1)), body);
 }
 
 // exp(x) for x <= 0 (all our arguments are logit - running max), in a form GCC vectorizes.

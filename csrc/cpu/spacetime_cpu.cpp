@@ -16,14 +16,16 @@
 // are added in chunk order, so two runs give bit-identical results on any machine.
 //
 // spatial: one problem per (b, t, h), a sequence over the S tokens of a frame, no mask, no bias. Queries are
-// processed in blocks of kQueryBlock against all keys of the problem: scores (block x S) in a thread-local
-// buffer, exact softmax per row (the whole row is there, so no online rescaling is needed on CPU), then
-// P . V. Backward per problem: for each query block recompute P, dP = dO V^T, dS = P (dP - delta),
-// dq = scale dS K, and accumulate dk += scale dS^T q, dv += P^T dO in thread-local (S x D) buffers.
+// processed in blocks of kQueryBlock rows against all keys of the problem with ATen GEMMs (BLAS/oneDNN,
+// single-threaded inside the parallel loop): scores (block x S), exact softmax per row (the whole row is
+// there, so no online rescaling), P V. Memory per thread: one block x S score tile, never S x S. Backward per
+// problem: for each query block recompute P, dP = dO V^T, dS = P o (dP - delta), dq = scale dS K, and
+// accumulate dk += scale dS^T q, dv += P^T dO in (S x D) accumulators.
 //
 // float32 / float16 / bfloat16 inputs accumulate in float32; float64 in double (the gradcheck path).
-#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "cpu_dispatch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,11 +35,11 @@
 namespace torchnova {
 namespace {
 
-constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kMaxBiasChunks = 256;
 
 template <typename acc_t>
-inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+TORCHNOVA_INLINE acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
@@ -45,7 +47,7 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
 }
 
 template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
+TORCHNOVA_INLINE void axpy(acc_t alpha, const acc_t* x, acc_t* y, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
@@ -57,11 +59,11 @@ struct View5 {
   int64_t sb, st, ss, sh;
   explicit View5(const at::Tensor& x)
       : data(x.data_ptr<scalar_t>()), sb(x.stride(0)), st(x.stride(1)), ss(x.stride(2)), sh(x.stride(3)) {}
-  const scalar_t* row(int64_t b, int64_t t, int64_t s, int64_t h) const { return data + b * sb + t * st + s * ss + h * sh; }
+  TORCHNOVA_INLINE const scalar_t* row(int64_t b, int64_t t, int64_t s, int64_t h) const { return data + b * sb + t * st + s * ss + h * sh; }
 };
 
 template <typename scalar_t, typename acc_t>
-inline void load_row(const scalar_t* src, acc_t* dst, int64_t D) {
+TORCHNOVA_INLINE void load_row(const scalar_t* src, acc_t* dst, int64_t D) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
 }
 
@@ -89,7 +91,7 @@ struct TemporalMask {
   const int64_t* seg;  // (B, T) or nullptr
   bool causal;
   int64_t T;
-  bool visible(int64_t b, int64_t i, int64_t j) const {
+  TORCHNOVA_INLINE bool visible(int64_t b, int64_t i, int64_t j) const {
     if (causal && j > i) return false;
     return seg == nullptr || seg[b * T + i] == seg[b * T + j];
   }
@@ -121,7 +123,8 @@ void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   scalar_t* out_p = out.data_ptr<scalar_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
   const int64_t problems = B * S * H;
-  at::parallel_for(0, problems, std::max<int64_t>(1, 4096 / std::max<int64_t>(T * T, 1)), [&](int64_t lo, int64_t hi) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(T * T, 1));
+  cpu::parallel_for_isa(problems, grain, [&](int64_t lo, int64_t hi) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), scores(T), acc(D);
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t h = p % H, s = (p / H) % S, b = p / (H * S);
@@ -171,7 +174,7 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
   const int64_t chunks = dbias ? std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (problems + 63) / 64)) : 1;
   const int64_t per_chunk = (problems + chunks - 1) / chunks;
   std::vector<acc_t> partial(dbias ? chunks * H * T * T : 0, acc_t(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) {
+  cpu::parallel_for_isa(chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), gb(T * D), dqb(T * D), dkb(T * D), dvb(T * D);
     std::vector<acc_t> prob(T * T), delta(T);
     for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
@@ -281,112 +284,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
 // spatial
 // ----------------------------------------------------------------------------------------------------------
 
-// Scores of one query block against all S keys, softmaxed in place with the rows' lse (computed when
-// lse_in is null and written to lse_out).
-template <typename acc_t>
-void block_probabilities(const acc_t* qb, const acc_t* kb, int64_t rows, int64_t S, int64_t D, acc_t scale,
-                         acc_t* probs, const acc_t* lse_in, acc_t* lse_out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t* row = probs + r * S;
-    for (int64_t j = 0; j < S; ++j) row[j] = scale * dot(qb + r * D, kb + j * D, D);
-    acc_t row_lse;
-    if (lse_in) {
-      row_lse = lse_in[r];
-    } else {
-      acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t j = 0; j < S; ++j) row_max = std::max(row_max, row[j]);
-      acc_t sum = 0;
-      for (int64_t j = 0; j < S; ++j) sum += std::exp(row[j] - row_max);
-      row_lse = row_max + std::log(sum);
-      lse_out[r] = row_lse;
-    }
-    for (int64_t j = 0; j < S; ++j) row[j] = std::exp(row[j] - row_lse);
-  }
+// One (S, D) problem of a (B, T, S, H, D) tensor, in the accumulation dtype (a strided view when no cast is
+// needed: the GEMMs read it through its leading dimension).
+at::Tensor problem(const at::Tensor& x, int64_t b, int64_t t, int64_t h, at::ScalarType acc) {
+  return x.select(0, b).select(0, t).select(1, h).to(acc);
 }
 
-template <typename scalar_t, typename acc_t>
-void spatial_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, acc_t scale, at::Tensor& out,
+void spatial_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out,
                       at::Tensor& lse) {
-  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
-  const View5<scalar_t> qv(q), kv(k), vv(v);
-  scalar_t* out_p = out.data_ptr<scalar_t>();
-  acc_t* lse_p = lse.data_ptr<acc_t>();
-  at::parallel_for(0, B * T * H, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> kb(S * D), vb(S * D), qb(kQueryBlock * D), probs(kQueryBlock * S), block_lse(kQueryBlock),
-        acc(D);
+  const int64_t T = q.size(1), S = q.size(2), H = q.size(3);
+  const auto acc = lse.scalar_type();
+  at::parallel_for(0, q.size(0) * T * H, 1, [&](int64_t lo, int64_t hi) {
+    // Worker threads do not inherit the caller's dispatch state: record no autograd history for the GEMMs.
+    const at::NoGradGuard no_grad;
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t h = p % H, t = (p / H) % T, b = p / (H * T);
-      for (int64_t s = 0; s < S; ++s) {
-        load_row(kv.row(b, t, s, h), &kb[s * D], D);
-        load_row(vv.row(b, t, s, h), &vb[s * D], D);
-      }
+      const at::Tensor qp = problem(q, b, t, h, acc), kt = problem(k, b, t, h, acc).t(), vp = problem(v, b, t, h, acc);
       for (int64_t start = 0; start < S; start += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, S - start);
-        for (int64_t r = 0; r < rows; ++r) load_row(qv.row(b, t, start + r, h), &qb[r * D], D);
-        block_probabilities(qb.data(), kb.data(), rows, S, D, scale, probs.data(), static_cast<const acc_t*>(nullptr),
-                            block_lse.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t j = 0; j < S; ++j) axpy(probs[r * S + j], &vb[j * D], acc.data(), D);
-          const int64_t token = ((b * T + t) * S + start + r) * H + h;
-          for (int64_t d = 0; d < D; ++d) out_p[token * D + d] = static_cast<scalar_t>(acc[d]);
-          lse_p[token] = block_lse[r];
-        }
+        at::Tensor scores = at::mm(qp.narrow(0, start, rows), kt).mul_(scale);  // (rows, S)
+        const at::Tensor row_lse = at::logsumexp(scores, {1}, /*keepdim=*/true);
+        const at::Tensor probs = scores.sub_(row_lse).exp_();
+        out.select(0, b).select(0, t).select(1, h).narrow(0, start, rows).copy_(at::mm(probs, vp));
+        lse.select(0, b).select(0, t).select(1, h).narrow(0, start, rows).copy_(row_lse.squeeze(1));
       }
     }
   });
 }
 
-template <typename scalar_t, typename acc_t>
 void spatial_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& out, const at::Tensor& lse, acc_t scale, at::Tensor& dq, at::Tensor& dk,
+                      const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& dq, at::Tensor& dk,
                       at::Tensor& dv) {
-  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
-  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
-  const acc_t* lse_p = lse.data_ptr<acc_t>();
-  scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
-  at::parallel_for(0, B * T * H, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<acc_t> kb(S * D), vb(S * D), dkb(S * D), dvb(S * D), qb(kQueryBlock * D), gb(kQueryBlock * D),
-        ob(D), probs(kQueryBlock * S), block_lse(kQueryBlock), delta(kQueryBlock), dqrow(D);
+  const int64_t T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const auto acc = lse.scalar_type();
+  at::parallel_for(0, q.size(0) * T * H, 1, [&](int64_t lo, int64_t hi) {
+    // Worker threads do not inherit the caller's dispatch state: record no autograd history for the GEMMs.
+    const at::NoGradGuard no_grad;
     for (int64_t p = lo; p < hi; ++p) {
       const int64_t h = p % H, t = (p / H) % T, b = p / (H * T);
-      for (int64_t s = 0; s < S; ++s) {
-        load_row(kv.row(b, t, s, h), &kb[s * D], D);
-        load_row(vv.row(b, t, s, h), &vb[s * D], D);
-      }
-      std::fill(dkb.begin(), dkb.end(), acc_t(0));
-      std::fill(dvb.begin(), dvb.end(), acc_t(0));
+      const at::Tensor qp = problem(q, b, t, h, acc), kp = problem(k, b, t, h, acc), vp = problem(v, b, t, h, acc);
+      const at::Tensor gp = problem(grad_out, b, t, h, acc), op = problem(out, b, t, h, acc);
+      const at::Tensor lp = lse.select(0, b).select(0, t).select(1, h);
+      at::Tensor dk_acc = at::zeros({S, D}, qp.options()), dv_acc = at::zeros({S, D}, qp.options());
       for (int64_t start = 0; start < S; start += kQueryBlock) {
         const int64_t rows = std::min(kQueryBlock, S - start);
-        for (int64_t r = 0; r < rows; ++r) {
-          load_row(qv.row(b, t, start + r, h), &qb[r * D], D);
-          load_row(gv.row(b, t, start + r, h), &gb[r * D], D);
-          load_row(ov.row(b, t, start + r, h), ob.data(), D);
-          delta[r] = dot(&gb[r * D], ob.data(), D);
-          block_lse[r] = lse_p[((b * T + t) * S + start + r) * H + h];
-        }
-        block_probabilities(qb.data(), kb.data(), rows, S, D, scale, probs.data(), block_lse.data(),
-                            static_cast<acc_t*>(nullptr));
-        for (int64_t r = 0; r < rows; ++r) {
-          std::fill(dqrow.begin(), dqrow.end(), acc_t(0));
-          for (int64_t j = 0; j < S; ++j) {
-            const acc_t pij = probs[r * S + j];
-            const acc_t dsij = pij * (dot(&gb[r * D], &vb[j * D], D) - delta[r]);
-            axpy(pij, &gb[r * D], &dvb[j * D], D);
-            axpy(scale * dsij, &kb[j * D], dqrow.data(), D);
-            axpy(scale * dsij, &qb[r * D], &dkb[j * D], D);
-          }
-          const int64_t token = ((b * T + t) * S + start + r) * H + h;
-          for (int64_t d = 0; d < D; ++d) dq_p[token * D + d] = static_cast<scalar_t>(dqrow[d]);
-        }
+        const at::Tensor qb = qp.narrow(0, start, rows), gb = gp.narrow(0, start, rows);
+        const at::Tensor delta = (gb * op.narrow(0, start, rows)).sum({1}, /*keepdim=*/true);  // rowsum(dO o O)
+        at::Tensor probs = at::mm(qb, kp.t()).mul_(scale).sub_(lp.narrow(0, start, rows).unsqueeze(1)).exp_();
+        dv_acc.addmm_(probs.t(), gb);                                     // dV += P^T dO
+        at::Tensor dscores = at::mm(gb, vp.t()).sub_(delta).mul_(probs);  // dS = P o (dO V^T - delta)
+        dq.select(0, b).select(0, t).select(1, h).narrow(0, start, rows).copy_(at::mm(dscores, kp).mul_(scale));
+        dk_acc.addmm_(dscores.t(), qb, /*beta=*/1, /*alpha=*/scale);  // dK += scale dS^T Q
       }
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t token = ((b * T + t) * S + s) * H + h;
-        for (int64_t d = 0; d < D; ++d) {
-          dk_p[token * D + d] = static_cast<scalar_t>(dkb[s * D + d]);
-          dv_p[token * D + d] = static_cast<scalar_t>(dvb[s * D + d]);
-        }
-      }
+      dk.select(0, b).select(0, t).select(1, h).copy_(dk_acc);
+      dv.select(0, b).select(0, t).select(1, h).copy_(dv_acc);
     }
   });
 }
@@ -398,10 +349,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cpu(const at::Tensor& q
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "spatial_attention_fwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    spatial_fwd_impl<scalar_t, acc_t>(q, k, v, static_cast<acc_t>(scale), out, lse);
-  });
+  spatial_fwd_impl(q, k, v, scale, out, lse);
   return {out, lse};
 }
 
@@ -425,10 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cpu(const a
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
   if (q.numel() == 0) return {dq, dk, dv};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "spatial_attention_bwd_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    spatial_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, static_cast<acc_t>(scale), dq, dk, dv);
-  });
+  spatial_bwd_impl(grad_out, q, k, v, out, lse_c, scale, dq, dk, dv);
   return {dq, dk, dv};
 }
 
