@@ -3,4 +3,11 @@
 Each op family defines its modules in ``torchnova/<family>/modules.py``; this namespace re-exports them.
 """
 
-__all__: list[str] = []
+from ..spacetime.modules import (
+    FactorizedSpaceTimeAttention,
+    RelativePositionBias,
+    SpatialAttention,
+    TemporalAttention,
+)
+
+__all__ = ["RelativePositionBias", "SpatialAttention", "TemporalAttention", "FactorizedSpaceTimeAttention"]
