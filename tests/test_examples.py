@@ -29,3 +29,17 @@ def test_train_mesa_quick(tmp_path, capsys):
     assert "test acc %" in out and "sharp. adversarial" in out
     pytest.importorskip("matplotlib")
     assert (tmp_path / "train_mesa.png").stat().st_size > 0
+
+
+def test_train_video_denoiser_quick_same_curve_on_every_backend(tmp_path, capsys):
+    pytest.importorskip("sklearn", reason="the example moves scikit-learn's digits (setup.sh installs it)")
+    example = load_example("train_video_denoiser")
+    curves = {b: example.main(["--quick", "--backend", b, "--out", str(tmp_path)]) for b in ("cpp", "reference")}
+    assert len(curves["cpp"]) == 6 and all(map(lambda x: x == x, curves["cpp"]))  # finite, no NaN
+    assert curves["cpp"][-1] < curves["cpp"][0]  # the loss falls
+    # The same run on the C++ kernels and on the PyTorch reference: same loss curve up to float rounding.
+    for got, want in zip(curves["cpp"], curves["reference"]):
+        assert abs(got - want) <= 1e-3 * abs(want) + 1e-5
+    assert "held-out clip" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "video_denoiser.png").stat().st_size > 0
