@@ -6,7 +6,8 @@
 //   P[i, j] = visible ? exp(scores[i, j] - lse[i]) : 0,  lse[i] = log sum_{visible j} exp(scores[i, j])
 //   out[i, :] = sum_j P[i, j] v[j, :]
 // Backward, with dP[i, j] = dO[i, :] . v[j, :] and dS = P o (dP - rowsum(P o dP)):
-//   dv[j, :] = sum_i P[i, j] dO[i, :],  dq[i, :] = scale * sum_j dS[i, j] k[j, :],  dk[j, :] = scale * sum_i dS[i, j] q[i, :]
+//   dv[j, :] = sum_i P[i, j] dO[i, :],  dq[i, :] = scale * sum_j dS[i, j] k[j, :],
+//   dk[j, :] = scale * sum_i dS[i, j] q[i, :]
 //   dbias[h, i, j] = sum over (b, s) of dS[i, j]
 // rowsum(P o dP) equals rowsum(dO o out) in exact arithmetic; it is computed from the fp32 P recomputed here, so
 // the backward does not read `out` (one tensor less of HBM traffic, and the exact gradient of the fp32 softmax).
@@ -55,8 +56,12 @@ constexpr int kTileLd = kTileCols + 1;            // odd row stride of the colum
 constexpr int kReduceThreads = 256;
 
 // Floats of shared memory per warp.
-__host__ __device__ __forceinline__ int forward_floats_per_warp(int T) { return T * odd_stride(T) + 2 * T * kTileLd; }
-__host__ __device__ __forceinline__ int backward_floats_per_warp(int T) { return 2 * T * odd_stride(T) + 2 * T * kTileLd; }
+__host__ __device__ __forceinline__ int forward_floats_per_warp(int T) {
+  return T * odd_stride(T) + 2 * T * kTileLd;
+}
+__host__ __device__ __forceinline__ int backward_floats_per_warp(int T) {
+  return 2 * T * odd_stride(T) + 2 * T * kTileLd;
+}
 
 __device__ __forceinline__ bool is_visible(int i, int j, bool causal,
                                            const int64_t* segment_row) {  // (T,) segment ids of batch b, or nullptr
