@@ -54,6 +54,7 @@ constexpr int kMaxWarpsPerBlock = 4;
 constexpr int kTileCols = 32;                     // head-dim columns per tile chunk = lanes
 constexpr int kTileLd = kTileCols + 1;            // odd row stride of the column tiles
 constexpr int kReduceThreads = 256;
+constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 24;
 
 // Floats of shared memory per warp.
 __host__ __device__ __forceinline__ int forward_floats_per_warp(int T) {
@@ -404,7 +405,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   // About 32 warps per SM in total (enough to hide latency at the occupancy the shared memory allows) and at
   // most one warp per (b, s) pair; every head gets the same number C of warps.
   const int64_t target_warps = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
-  const int64_t chunks_per_head = std::max<int64_t>(1, std::min<int64_t>(pairs, (target_warps + a.H - 1) / a.H));
+  // With dbias, the (C, H, T, T) fp32 workspace is capped at 2^24 floats (64 MiB; large T has few resident warps).
+  int64_t chunks_per_head = std::min<int64_t>(pairs, (target_warps + a.H - 1) / a.H);
+  if (needs_bias_grad) {
+    chunks_per_head = std::min<int64_t>(chunks_per_head, kMaxWorkspaceFloats / (int64_t(a.H) * a.T * a.T));
+  }
+  chunks_per_head = std::max<int64_t>(1, chunks_per_head);
   const int64_t total_warps = chunks_per_head * a.H;
   const unsigned blocks = checked_grid(op, (total_warps + warps - 1) / warps);
   at::Tensor partial = needs_bias_grad ? at::empty({chunks_per_head, a.H, a.T, a.T}, acc_options) : at::Tensor();
