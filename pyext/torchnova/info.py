@@ -14,7 +14,13 @@ from torchnova import _backend, _ext
 def _example_inputs(device: torch.device, dtype: torch.dtype) -> dict:
     """Tiny inputs on ``device`` used only to ask each backend whether it can run there."""
     logits = torch.empty(2, 8, device=device, dtype=dtype)
-    return {"mesa_kl": {"student_logits": logits, "teacher_logits": logits}}
+    video = torch.empty(1, 16, 64, 8, 64, device=device, dtype=dtype)  # (B, T, S, H, D)
+    qkv = {"q": video, "k": video, "v": video}
+    return {
+        "mesa_kl": {"student_logits": logits, "teacher_logits": logits},
+        "temporal_attention": qkv,
+        "spatial_attention": qkv,
+    }
 
 
 def report() -> str:

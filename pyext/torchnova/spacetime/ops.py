@@ -5,9 +5,10 @@
 
 Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
 read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
-``reference.py``. Backends, fastest first: ``cpp`` (CPU tensors), ``reference``. The C++ ops
-(csrc/spacetime_ops.cpp) return (out, lse); the backward recomputes the probabilities from lse. The bias
-gradient is reduced in a fixed order on every backend that runs here (bit-identical across runs).
+``reference.py``. Backends, fastest first: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
+T <= 128), ``cpp`` (CPU tensors), ``reference``. ``cuda`` and ``cpp`` call the same ops
+(csrc/spacetime_ops.cpp), dispatched by device; they return (out, lse) and the backward recomputes the
+probabilities from lse. The bias gradient is reduced in a fixed order on both (bit-identical across runs).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from .._library import accumulation_dtype
 from .reference import spatial_attention_ref, temporal_attention_ref
 
 _CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CUDA_MAX_HEAD_DIM = 256
+CUDA_MAX_FRAMES = 128
+# The temporal backward keeps a T x T tile per warp in shared memory: above this T it needs more than the
+# ~99 KB per block of sm_86 / sm_89 GPUs (RTX 30xx/40xx, A-series workstation cards).
+CUDA_MAX_FRAMES_SMALL_SMEM = 97
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -34,10 +41,30 @@ def _cpp_reasons(q, **_):
     )
 
 
+def _cuda_reasons(q, **_):
+    why = _backend.extension_reasons(need_cuda=True) + _backend.device_reasons(q.device, ("cuda",))
+    why += _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
+    if q.shape[-1] > CUDA_MAX_HEAD_DIM:
+        why.append(f"head dim D={q.shape[-1]} > {CUDA_MAX_HEAD_DIM}")
+    return why + _backend.compute_capability_reasons(q.device, (8, 0))
+
+
+def _cuda_temporal_reasons(q, **inputs):
+    why = _cuda_reasons(q, **inputs)
+    T = q.shape[1]
+    if T > CUDA_MAX_FRAMES:
+        why.append(f"T={T} frames > {CUDA_MAX_FRAMES}")
+    elif T > CUDA_MAX_FRAMES_SMALL_SMEM and not why and torch.cuda.get_device_capability(q.device) in ((8, 6), (8, 9)):
+        why.append(f"T={T} > {CUDA_MAX_FRAMES_SMALL_SMEM} needs more shared memory per block than sm_86/sm_89 have")
+    return why
+
+
 def _reference_reasons(q, **_):
     return []
 
 
+_backend.register("temporal_attention", "cuda", _cuda_temporal_reasons)
+_backend.register("spatial_attention", "cuda", _cuda_reasons)
 for _op in ("temporal_attention", "spatial_attention"):
     _backend.register(_op, "cpp", _cpp_reasons)
     _backend.register(_op, "reference", _reference_reasons)
@@ -198,7 +225,7 @@ def temporal_attention(
             image-video training: video frames share an id, every appended image has its own).
         causal: keys after the query are invisible. Combines with segment_ids; the diagonal stays visible.
         scale: score scale, default D ** -0.5.
-        backend: "auto", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+        backend: "auto", "cuda", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
 
     Returns:
         (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
@@ -224,7 +251,7 @@ def spatial_attention(
     Args:
         q, k, v: (B, T, S, H, D), same dtype and device; any strides.
         scale: score scale, default D ** -0.5.
-        backend: "auto", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+        backend: "auto", "cuda", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
     """
     scale = _validate_qkv("spatial_attention", q, k, v, scale)
     name = _backend.select("spatial_attention", backend, q=q, k=k, v=v)
