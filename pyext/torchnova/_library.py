@@ -30,3 +30,22 @@ def define_triton_op(qualname: str, launcher: Callable) -> None:
         torch.library.triton_op(qualname, launcher, mutates_args=())
     else:
         torch.library.custom_op(qualname, launcher, mutates_args=())
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_triton(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](...) through torch.library.wrap_triton when available, so the launch is traceable inside a
+    torch.library.triton_op (torch.compile / export); in eager mode it is a plain launch. Not cached: whether
+    wrap_triton wraps depends on the tracing state at call time."""
+    runner = kernel
+    wrap = getattr(torch.library, "wrap_triton", None)
+    if wrap is not None:
+        try:
+            runner = wrap(kernel)
+        except RuntimeError:
+            # Some torch versions refuse TRITON_INTERPRET's InterpretedFunction; a plain launch is equivalent.
+            runner = kernel
+    runner[grid](*args, **kwargs)

@@ -43,6 +43,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .._library import launch_triton, next_pow2
+
 try:  # the package must import on CPU-only torch builds without triton
     import triton
     import triton.language as tl
@@ -241,13 +243,9 @@ if HAS_TRITON:
             tl.store(grad_ptr + g_offs, g.to(grad_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _pick_config(R: int, C: int, with_grad: bool = False) -> Tuple[int, int, bool, int]:
     """(BLOCK_R, BLOCK_C, SINGLE_CHUNK, num_warps) for an (R, C) problem."""
-    c_pow2 = _next_pow2(C)
+    c_pow2 = next_pow2(C)
     if c_pow2 <= _MAX_SINGLE_CHUNK:
         block_c, single = c_pow2, True
     else:
@@ -255,7 +253,7 @@ def _pick_config(R: int, C: int, with_grad: bool = False) -> Tuple[int, int, boo
     block_r = 1
     if block_c < _SMALL_ROW_TILE:
         # Pack short rows so a program still moves ~_SMALL_ROW_TILE elements.
-        block_r = max(1, min(_SMALL_ROW_TILE // block_c, _MAX_BLOCK_R, _next_pow2(R)))
+        block_r = max(1, min(_SMALL_ROW_TILE // block_c, _MAX_BLOCK_R, next_pow2(R)))
     tile = block_r * block_c
     # 8 elements per thread per tensor up to 4096-wide tiles (one 16 B bf16 vector load), 16 at 8192; no
     # spills at 16 warps (checked with ptxas for sm_90a).
@@ -265,21 +263,6 @@ def _pick_config(R: int, C: int, with_grad: bool = False) -> Tuple[int, int, boo
 
 def _col_i64(C: int, *col_strides: int) -> bool:
     return (C - 1) * max(abs(int(s)) for s in col_strides) >= _I32_LIMIT
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](...) through torch.library.wrap_triton when available, so the launch is traceable inside a
-    torch.library.triton_op (torch.compile / export); in eager mode it is a plain launch. Not cached: whether
-    wrap_triton wraps depends on the tracing state at call time."""
-    runner = kernel
-    wrap = getattr(torch.library, "wrap_triton", None)
-    if wrap is not None:
-        try:
-            runner = wrap(kernel)
-        except RuntimeError:
-            # Some torch versions refuse TRITON_INTERPRET's InterpretedFunction; a plain launch is equivalent.
-            runner = kernel
-    runner[grid](*args, **kwargs)
 
 
 def _check_logits(student: Tensor, teacher: Tensor, temperature: float) -> None:
@@ -316,7 +299,7 @@ def mesa_kl_fwd_triton(student: Tensor, teacher: Tensor, temperature: float,
     tau = float(temperature)
     block_r, block_c, single, num_warps = _pick_config(R, C, bool(with_grad))
     grid = (triton.cdiv(R, block_r),)
-    _launch(
+    launch_triton(
         _mesa_kl_fwd_kernel, grid,
         student, teacher, loss_rows, lse, grad,
         student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
@@ -343,7 +326,7 @@ def mesa_kl_bwd_triton(grad_rows: Tensor, student: Tensor, teacher: Tensor, lse:
     tau = float(temperature)
     block_r, block_c, _, num_warps = _pick_config(R, C)
     grid = (triton.cdiv(R, block_r),)
-    _launch(
+    launch_triton(
         _mesa_kl_bwd_kernel, grid,
         grad_rows, student, teacher, lse, grad,
         grad_rows.stride(0), student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
