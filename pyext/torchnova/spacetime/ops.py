@@ -6,7 +6,8 @@
 Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
 read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
 ``reference.py``. Backends, fastest first: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
-T <= 128), ``cpp`` (CPU tensors), ``reference``. ``cuda`` and ``cpp`` call the same ops
+T <= 128), ``triton`` (temporal only: T <= 64; on CPU under TRITON_INTERPRET=1), ``cpp`` (CPU tensors),
+``reference``. ``cuda`` and ``cpp`` call the same ops
 (csrc/spacetime_ops.cpp), dispatched by device; they return (out, lse) and the backward recomputes the
 probabilities from lse. The bias gradient is reduced in a fixed order on both (bit-identical across runs).
 """
@@ -18,7 +19,8 @@ import numbers
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype
+from .._library import accumulation_dtype, define_triton_op
+from . import triton_kernels
 from .reference import spatial_attention_ref, temporal_attention_ref
 
 _CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -59,11 +61,22 @@ def _cuda_temporal_reasons(q, **inputs):
     return why
 
 
+def _triton_temporal_reasons(q, **_):
+    why = _backend.triton_reasons(q.device) + _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
+    T, D = q.shape[1], q.shape[-1]
+    if T > triton_kernels.MAX_FRAMES:
+        why.append(f"T={T} frames > {triton_kernels.MAX_FRAMES} (the T x T tile lives in registers)")
+    if D > triton_kernels.MAX_HEAD_DIM:
+        why.append(f"head dim D={D} > {triton_kernels.MAX_HEAD_DIM}")
+    return why
+
+
 def _reference_reasons(q, **_):
     return []
 
 
 _backend.register("temporal_attention", "cuda", _cuda_temporal_reasons)
+_backend.register("temporal_attention", "triton", _triton_temporal_reasons)
 _backend.register("spatial_attention", "cuda", _cuda_reasons)
 for _op in ("temporal_attention", "spatial_attention"):
     _backend.register(_op, "cpp", _cpp_reasons)
@@ -99,14 +112,24 @@ def _temporal_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, bias, segment_ids)
 
 
-def _temporal_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, bias, segment_ids = ctx.saved_tensors
-    needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = torch.ops.torchnova.temporal_attention_bwd(
-        grad_out.contiguous(), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
-        torch.are_deterministic_algorithms_enabled(),
-    )  # fmt: skip
-    return dq, dk, dv, (dbias if needs_bias_grad else None), None, None, None
+def _make_temporal_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, segment_ids = ctx.saved_tensors
+        needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = bwd_op(
+            grad_out.contiguous(), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
+            torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        return dq, dk, dv, (dbias if needs_bias_grad else None), None, None, None
+
+    return backward
+
+
+def _register_temporal(fwd_name: str, bwd_name: str) -> None:
+    torch.library.register_fake(fwd_name)(_temporal_fwd_fake)
+    torch.library.register_fake(bwd_name)(_temporal_bwd_fake)
+    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
+    torch.library.register_autograd(fwd_name, _make_temporal_backward(bwd_op), setup_context=_temporal_setup)
 
 
 def _spatial_fwd_fake(q, k, v, scale):
@@ -131,14 +154,15 @@ def _spatial_backward(ctx, grad_out, grad_lse):
 
 
 if _ext.HAS_CPP:
-    torch.library.register_fake("torchnova::temporal_attention_fwd")(_temporal_fwd_fake)
-    torch.library.register_fake("torchnova::temporal_attention_bwd")(_temporal_bwd_fake)
-    torch.library.register_autograd(
-        "torchnova::temporal_attention_fwd", _temporal_backward, setup_context=_temporal_setup
-    )
+    _register_temporal("torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
     torch.library.register_fake("torchnova::spatial_attention_fwd")(_spatial_fwd_fake)
     torch.library.register_fake("torchnova::spatial_attention_bwd")(_spatial_bwd_fake)
     torch.library.register_autograd("torchnova::spatial_attention_fwd", _spatial_backward, setup_context=_spatial_setup)
+
+if triton_kernels.HAS_TRITON:
+    define_triton_op("torchnova::temporal_attention_fwd_triton", triton_kernels.temporal_attention_fwd_triton)
+    define_triton_op("torchnova::temporal_attention_bwd_triton", triton_kernels.temporal_attention_bwd_triton)
+    _register_temporal("torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -239,7 +263,9 @@ def temporal_attention(
     bias_acc = bias.to(acc).contiguous() if bias is not None else None
     segments = segment_ids.to(torch.int64).contiguous() if segment_ids is not None else None
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out, _ = torch.ops.torchnova.temporal_attention_fwd(q, k, v, bias_acc, segments, causal, scale)
+    ops = torch.ops.torchnova
+    fwd = ops.temporal_attention_fwd_triton if name == "triton" else ops.temporal_attention_fwd
+    out, _ = fwd(q, k, v, bias_acc, segments, causal, scale)
     return out
 
 
