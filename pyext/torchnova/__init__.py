@@ -11,7 +11,8 @@ Backends: "reference" (PyTorch), "cpp" (C++/OpenMP, CPU), "triton" and "cuda" (G
 """
 
 from . import _backend, _ext
+from .dual_channel.ops import cogvideo_attention, dual_channel_mix
 from .mesa.ops import mesa_kl
 
 __version__ = "0.1.0"
-__all__ = ["mesa_kl", "__version__"]
+__all__ = ["cogvideo_attention", "dual_channel_mix", "mesa_kl", "__version__"]
