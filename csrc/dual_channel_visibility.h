@@ -1,6 +1,6 @@
 // CogVideo dual-channel attention: which key a query sees, from token indices alone (no L x L mask).
 // The same rule as pyext/torchnova/dual_channel/masks.py (pictures there), written as plain C++ so that the C++
-// CPU kernels (csrc/cpu/dual_channel_attention_cpu.cpp) and the CUDA kernels (csrc/cuda/dual_channel_*.cu) share
+// CPU kernels (csrc/cpu/dual_channel_cpu.cpp) and the CUDA kernels (csrc/cuda/dual_channel_*.cu) share
 // one copy. No torch include: nvcc device code can use every function here.
 //
 // Tokens 0 .. text_len-1 are text; token t >= text_len is frame token p = t - text_len, frame f = p / (gh*gw),
