@@ -309,3 +309,29 @@ def test_compile_fullgraph():
         compiled = torch.compile(layer, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
         compiled(q + 1, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# module
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_module_training_step_changes_only_plus(backend):
+    from torchnova.nn import DualChannelAttention
+
+    torch.manual_seed(0)
+    layer = DualChannelAttention(8, 2, text_len=2, frames=5, grid=(2, 4), attention="window", window=2,
+                                 shifted=True, stage="interpolation", backend=backend)
+    assert torch.equal(layer.plus_qkv.weight, layer.qkv.weight) and (layer.plus_dense.bias == 0).all()
+    assert (torch.sigmoid(layer.alpha_logit) == 0.5).all()
+    wrapped = DualChannelAttention.from_base(layer, attention="full", stage="sequential")
+    assert torch.equal(wrapped.qkv.weight, layer.qkv.weight) and not wrapped.qkv.weight.requires_grad
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    u = torch.randn(2, 2 + 5 * 8, 8)
+    layer(u, text_pad_mask=torch.tensor([[True, False], [True, True]])).square().mean().backward()
+    opt.step()
+    trained = {"plus_qkv.weight", "plus_qkv.bias", "plus_dense.weight", "plus_dense.bias", "alpha_logit"}
+    for name, p in layer.named_parameters():
+        assert torch.equal(p, before[name]) != (name in trained), name

@@ -3,4 +3,6 @@
 Each op family defines its modules in ``torchnova/<family>/modules.py``; this namespace re-exports them.
 """
 
-__all__: list[str] = []
+from ..dual_channel.modules import DualChannelAttention
+
+__all__: list[str] = ["DualChannelAttention"]
