@@ -21,6 +21,7 @@ from . import harness
 # op name -> module with a ``benchmark() -> OpBenchmark``; a new op adds its module here.
 OP_MODULES = {
     "mesa_kl": "benchmarks.bench_mesa_kl",
+    "dual_channel": "benchmarks.bench_dual_channel",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
