@@ -335,3 +335,16 @@ def test_module_training_step_changes_only_plus(backend):
     trained = {"plus_qkv.weight", "plus_qkv.bias", "plus_dense.weight", "plus_dense.bias", "alpha_logit"}
     for name, p in layer.named_parameters():
         assert torch.equal(p, before[name]) != (name in trained), name
+
+
+@needs_cpp
+def test_example_quick():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_dual_channel.py"
+    spec = importlib.util.spec_from_file_location("train_dual_channel", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    first, last, unchanged = example.main(["--quick"])
+    assert last < first and unchanged
