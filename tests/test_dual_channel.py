@@ -40,7 +40,8 @@ def cogvideo_path_mask(text_len, frames, gh, gw, channel, attention, window, shi
         mask[text_len:, text_len:] = False
         for f in range(frames):
             lo = text_len + f * n
-            local = torch.ones(n, n).bool() if stage == "interpolation" and f % 2 == 0 else torch.ones(n, n).tril().bool()
+            full_frame = stage == "interpolation" and f % 2 == 0
+            local = torch.ones(n, n).bool() if full_frame else torch.ones(n, n).tril().bool()
             mask[lo : lo + n, lo : lo + n] = local
         return mask
     mask[:text_len] = False  # plus channel text rows see nothing

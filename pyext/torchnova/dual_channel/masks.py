@@ -84,9 +84,9 @@ def visibility(
         return torch.where(k_text, torch.ones_like(frame_part), frame_part & ~q_text)
     if attention == "window":
         shift = window // 2 if shifted else 0
-        same = (_axis_group(rq // grid_w, grid_h, window, shift) == _axis_group(rk // grid_w, grid_h, window, shift)) & (
-            _axis_group(rq % grid_w, grid_w, window, shift) == _axis_group(rk % grid_w, grid_w, window, shift)
-        )
+        same_row = _axis_group(rq // grid_w, grid_h, window, shift) == _axis_group(rk // grid_w, grid_h, window, shift)
+        same_col = _axis_group(rq % grid_w, grid_w, window, shift) == _axis_group(rk % grid_w, grid_w, window, shift)
+        same = same_row & same_col
     else:
         same = torch.ones((length, length), dtype=torch.bool, device=device)
     if interpolation:
