@@ -30,6 +30,7 @@ OP_MODULES = {
     "ema_update": "benchmarks.bench_mesa_training:ema_benchmark",
     "temporal_attention": "benchmarks.bench_spacetime:temporal_benchmark",
     "spatial_attention": "benchmarks.bench_spacetime:spatial_benchmark",
+    "dual_channel": "benchmarks.bench_dual_channel",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

@@ -10,6 +10,9 @@ Public API::
     torchnova.temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
     torchnova.spatial_attention(q, k, v, *, scale=None, backend="auto")
     torchnova.relative_position_buckets(T, num_buckets=32, max_distance=32)
+    torchnova.cogvideo_attention(q, k, v, *, text_len, frames, grid, channel, attention="full", window=10,
+                                 shifted=False, stage="sequential", text_pad_mask=None, backend="auto")
+    torchnova.dual_channel_mix(o_base, o_plus, alpha_logit, *, text_len, backend="auto")
 
 Backends: "reference" (PyTorch), "cpp" (C++/OpenMP, CPU), "triton" and "cuda" (GPU). ``backend="auto"`` or the
 ``TORCHNOVA_BACKEND`` environment variable choose; ``python -m torchnova.info`` shows what can run here.
@@ -17,11 +20,12 @@ Backends: "reference" (PyTorch), "cpp" (C++/OpenMP, CPU), "triton" and "cuda" (G
 
 from . import _backend, _ext
 from . import nn
+from .dual_channel.ops import cogvideo_attention, dual_channel_mix
 from .mesa import MESA, SAF, mesa_kl
 from .spacetime import relative_position_buckets, spatial_attention, temporal_attention
 
 __version__ = "0.1.0"
 __all__ = [
-    "mesa_kl", "MESA", "SAF", "spatial_attention", "temporal_attention", "relative_position_buckets", "nn",
-    "__version__",
+    "mesa_kl", "MESA", "SAF", "spatial_attention", "temporal_attention", "relative_position_buckets",
+    "cogvideo_attention", "dual_channel_mix", "nn", "__version__",
 ]  # fmt: skip

@@ -3,6 +3,7 @@
 Each op family defines its modules in ``torchnova/<family>/modules.py``; this namespace re-exports them.
 """
 
+from ..dual_channel.modules import DualChannelAttention
 from ..spacetime.modules import (
     FactorizedSpaceTimeAttention,
     RelativePositionBias,
@@ -10,4 +11,7 @@ from ..spacetime.modules import (
     TemporalAttention,
 )
 
-__all__ = ["RelativePositionBias", "SpatialAttention", "TemporalAttention", "FactorizedSpaceTimeAttention"]
+__all__ = [
+    "RelativePositionBias", "SpatialAttention", "TemporalAttention", "FactorizedSpaceTimeAttention",
+    "DualChannelAttention",
+]  # fmt: skip

@@ -1,0 +1,1 @@
+"""CogVideo dual-channel attention: visibility rule (masks), dense reference, ops."""
