@@ -139,15 +139,16 @@ __device__ __forceinline__ void load_tile(float* __restrict__ tile,  // (kBlock,
 // Stores rows [first, first + kBlock) ∩ [0, seq_len) of a float tile to a contiguous (B, L, H, D) output of
 // head (b, h): row l at out + ((b * L + l) * H + h) * D. Consecutive threads write consecutive d (coalesced).
 template <typename scalar_t, int kHeadDimMax>
-__device__ __forceinline__ void store_tile(scalar_t* __restrict__ out,   // (B, L, H, D) contiguous
+__device__ __forceinline__ void store_tile(scalar_t* __restrict__ out,       // (B, L, H, D) contiguous
                                            const float* __restrict__ tile,  // (kBlock, kStride) shared
-                                           int64_t b, int64_t h, int64_t first, int64_t seq_len, int64_t heads,
-                                           int head_dim) {
+                                           int64_t b, int64_t h, int64_t first, const AttentionShape& shape) {
   using T = Tiling<kHeadDimMax>;
+  const int head_dim = shape.head_dim;
   for (int index = threadIdx.x; index < T::kBlock * head_dim; index += T::kThreads) {
     const int row = index / head_dim, d = index % head_dim;
-    if (first + row < seq_len) {
-      out[((b * seq_len + first + row) * heads + h) * head_dim + d] = static_cast<scalar_t>(tile[row * T::kStride + d]);
+    if (first + row < shape.seq_len) {
+      out[((b * shape.seq_len + first + row) * shape.heads + h) * head_dim + d] =
+          static_cast<scalar_t>(tile[row * T::kStride + d]);
     }
   }
 }
@@ -323,10 +324,11 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
     if (quad + 4 * i < shape.head_dim) q_tile[row * T::kStride + quad + 4 * i] = acc[i] * inv_sum;
   }
   if (quad == 0 && query < shape.seq_len) {
-    lse[(coords.b * shape.seq_len + query) * shape.heads + coords.h] = row_sum > 0.f ? row_max + ::logf(row_sum) : INFINITY;
+    lse[(coords.b * shape.seq_len + query) * shape.heads + coords.h] =
+        row_sum > 0.f ? row_max + ::logf(row_sum) : INFINITY;
   }
   __syncthreads();
-  store_tile<scalar_t, kHeadDimMax>(out, q_tile, coords.b, coords.h, q_first, shape.seq_len, shape.heads, shape.head_dim);
+  store_tile<scalar_t, kHeadDimMax>(out, q_tile, coords.b, coords.h, q_first, shape);
 }
 
 // delta[row] = sum_d grad_out[row, d] * out[row, d] in float32, row = (b * L + l) * H + h; one warp per row.
@@ -449,8 +451,8 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
     }
   }
   __syncthreads();
-  store_tile<scalar_t, kHeadDimMax>(dk, k_tile, coords.b, coords.h, k_first, shape.seq_len, shape.heads, shape.head_dim);
-  store_tile<scalar_t, kHeadDimMax>(dv, v_tile, coords.b, coords.h, k_first, shape.seq_len, shape.heads, shape.head_dim);
+  store_tile<scalar_t, kHeadDimMax>(dk, k_tile, coords.b, coords.h, k_first, shape);
+  store_tile<scalar_t, kHeadDimMax>(dv, v_tile, coords.b, coords.h, k_first, shape);
 }
 
 template <typename scalar_t, int kHeadDimMax>
@@ -520,7 +522,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
     if (quad + 4 * i < shape.head_dim) q_tile[row * T::kStride + quad + 4 * i] = dq_acc[i] * shape.scale;
   }
   __syncthreads();
-  store_tile<scalar_t, kHeadDimMax>(dq, q_tile, coords.b, coords.h, q_first, shape.seq_len, shape.heads, shape.head_dim);
+  store_tile<scalar_t, kHeadDimMax>(dq, q_tile, coords.b, coords.h, q_first, shape);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -750,7 +752,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
         prepare_smem(op, dkdv_kernel, T::kBwdSmemBytes);
         dkdv_kernel<<<blocks, T::kThreads, T::kBwdSmemBytes, stream>>>(
             go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-            v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized, lse_c.const_data_ptr<float>(),
+            v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized,
+            lse_c.const_data_ptr<float>(),
             delta.const_data_ptr<float>(), pad, args.layout, args.shape, dk.mutable_data_ptr<scalar_t>(),
             dv.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -758,7 +761,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
         prepare_smem(op, dq_kernel, T::kBwdSmemBytes);
         dq_kernel<<<blocks, T::kThreads, T::kBwdSmemBytes, stream>>>(
             go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-            v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized, lse_c.const_data_ptr<float>(),
+            v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized,
+            lse_c.const_data_ptr<float>(),
             delta.const_data_ptr<float>(), pad, args.layout, args.shape, dq.mutable_data_ptr<scalar_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
       const acc_t a = sigmoid_acc(alpha_logit[channel + i]);
-      out.v[i] = static_cast<scalar_t>(a * static_cast<acc_t>(base.v[i]) + (acc_t(1) - a) * static_cast<acc_t>(plus.v[i]));
+      const acc_t b = static_cast<acc_t>(base.v[i]), p = static_cast<acc_t>(plus.v[i]);
+      out.v[i] = static_cast<scalar_t>(a * b + (acc_t(1) - a) * p);
     }
     reinterpret_cast<packet_t*>(y)[packet] = out;
   }
