@@ -1,8 +1,8 @@
 // CogVideo dual-channel attention (DESIGN.md section 2), CUDA kernels.
 //
 // Math, per batch b and head h, over the L = text_len + frames * grid_h * grid_w tokens (text first, frames in
-// (frame, row, col) raster order), scale s = 1 / sqrt(D), visible(i, j) = the rule of the visibility header
-// (key_visible; for now the stand-in csrc/cuda/dual_channel_visibility_pending.h) and not (j < text_len and
+// (frame, row, col) raster order), scale s = 1 / sqrt(D), visible(i, j) = key_visible of
+// csrc/dual_channel_visibility.h (the rule of pyext/torchnova/dual_channel/masks.py) and not (j < text_len and
 // text_pad_mask[b, j] is false):
 //   S_ij = s * q_i . k_j  for visible pairs, -inf otherwise
 //   lse_i = log sum_j exp(S_ij),   P_ij = exp(S_ij - lse_i),   out_i = sum_j P_ij v_j
@@ -20,9 +20,9 @@
 // owns one token of its block's tile (tid / 4) and a quarter of the other tile's tokens (tid % 4 + 4 j) for the
 // score tile, and the head-dim slice d = tid % 4 + 4 i of its token's accumulator. Tiles live in shared memory as
 // float32 rows of kHeadDimMax + 1 floats (odd stride: the strided-by-row reads of a warp hit distinct banks).
-// Tile pairs that hold no visible pair are skipped and wholly visible ones skip the per-element rule (block rules
-// of the visibility header, uniform over a block), so the cost follows the visible pairs: a program runs through
-// the ceil(L / kBlock) candidate tiles with one O(1) test each and computes only the visible ones. No atomics:
+// Tile pairs that hold no visible pair are skipped (block_may_see of the visibility header, uniform over a
+// block), so the cost follows the visible pairs: a program runs through the ceil(L / kBlock) candidate tiles with
+// one cheap test each and computes only those that may hold a visible pair, masking per element there. No atomics:
 // each output element is written by exactly one thread, so results are bitwise deterministic.
 //   forward: one block per (b, h, query tile), streaming the key tiles with an online softmax.
 //   backward: delta kernel (one warp per (b, l, h) row); dK/dV kernel, one block per (b, h, key tile) looping over
@@ -44,16 +44,13 @@
 #include <string>
 #include <tuple>
 
-// STAND-IN: csrc/dual_channel_visibility.h (branch issue6) had not been committed when this was written; the
-// pending header implements the interface this file expects. Replace this include with "dual_channel_visibility.h"
-// once that header exists, adapting the four calls of the vis:: namespace if its interface differs.
-#include "dual_channel_visibility_pending.h"
+#include "dual_channel_visibility.h"
 
 namespace torchnova {
 namespace {
 
 namespace vis = ::torchnova::dual_channel;
-using Layout = vis::VisibilityLayout;
+using Layout = vis::Layout;
 
 constexpr int kMaxHeadDim = 256;
 constexpr int kPacketBytes = 16;
@@ -153,30 +150,24 @@ __device__ __forceinline__ void store_tile(scalar_t* __restrict__ out,       // 
   }
 }
 
-// Whether key `key` is visible from query `query` of batch b: in range, not padded text, and the layout rule,
-// which is skipped when the whole tile is known to be visible.
+// Whether key `key` is visible from query `query` of batch b: in range, not padded text, and the layout rule.
+// Token indices fit in int (the host checks L < 2^31), the header's index type.
 __device__ __forceinline__ bool pair_visible(const Layout& layout, const bool* __restrict__ text_pad_mask,
-                                             int64_t b, int64_t query, int64_t key, const AttentionShape& shape,
-                                             bool tile_all_visible) {
+                                             int64_t b, int64_t query, int64_t key, const AttentionShape& shape) {
   const int64_t text_len = shape.text_len;
   if (query >= shape.seq_len || key >= shape.seq_len) return false;
   if (key < text_len && text_pad_mask != nullptr && !text_pad_mask[b * text_len + key]) return false;
-  return tile_all_visible || vis::key_visible(layout, query, key);
+  return vis::key_visible(layout, static_cast<int>(query), static_cast<int>(key));
 }
 
-// What the visibility rule says of a whole tile pair: query tile [q_first, q_first + kBlock) x key tile
-// [k_first, k_first + kBlock), both clipped to L. any: some pair may be visible (false: skip the tile);
-// all: every pair is (the per-element rule can be skipped). Same values in every thread of a block.
-struct TileVisibility {
-  bool any, all;
-};
-
-__device__ __forceinline__ TileVisibility tile_visibility(const Layout& layout, int64_t q_first, int64_t k_first,
-                                                          int block, int64_t seq_len) {
+// Whether some pair of query tile [q_first, q_first + kBlock) x key tile [k_first, k_first + kBlock), both
+// clipped to L, may be visible (false: skip the tile). Same value in every thread of a block.
+__device__ __forceinline__ bool tiles_interact(const Layout& layout, int64_t q_first, int64_t k_first, int block,
+                                               int64_t seq_len) {
   const int64_t q_end = q_first + block < seq_len ? q_first + block : seq_len;
   const int64_t k_end = k_first + block < seq_len ? k_first + block : seq_len;
-  if (!vis::block_may_see(layout, q_first, q_end, k_first, k_end)) return {false, false};
-  return {true, vis::block_all_visible(layout, q_first, q_end, k_first, k_end)};
+  return vis::block_may_see(layout, static_cast<int>(q_first), static_cast<int>(q_end), static_cast<int>(k_first),
+                            static_cast<int>(k_end));
 }
 
 // Sum and max over the 4 lanes (tid % 4) that share a token; lanes 4n..4n+3 of a warp, so xor 1 and 2 stay inside.
@@ -280,8 +271,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) acc[i] = 0.f;
 
   for (int64_t k_first = 0; k_first < shape.seq_len; k_first += T::kBlock) {
-    const TileVisibility tile = tile_visibility(layout, q_first, k_first, T::kBlock, shape.seq_len);
-    if (!tile.any) continue;
+    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with k_tile, v_tile, p_tile (and q_tile is loaded)
     load_tile<scalar_t, kHeadDimMax>(k_tile, k_view, k_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(v_tile, v_view, k_first, shape.seq_len, shape.head_dim, vectorized);
@@ -293,7 +283,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
     float tile_max = -INFINITY;
 #pragma unroll
     for (int j = 0; j < T::kScoresPerThread; ++j) {
-      visible[j] = pair_visible(layout, text_pad_mask, coords.b, query, k_first + quad + 4 * j, shape, tile.all);
+      visible[j] = pair_visible(layout, text_pad_mask, coords.b, query, k_first + quad + 4 * j, shape);
       scores[j] *= shape.scale;
       if (visible[j]) tile_max = fmaxf(tile_max, scores[j]);
     }
@@ -409,8 +399,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) dk_acc[i] = dv_acc[i] = 0.f;
 
   for (int64_t q_first = 0; q_first < shape.seq_len; q_first += T::kBlock) {
-    const TileVisibility tile = tile_visibility(layout, q_first, k_first, T::kBlock, shape.seq_len);
-    if (!tile.any) continue;
+    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with q_tile, do_tile, s_tile
     load_tile<scalar_t, kHeadDimMax>(q_tile, q_view, q_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(do_tile, go_view, q_first, shape.seq_len, shape.head_dim, vectorized);
@@ -424,7 +413,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
 #pragma unroll
     for (int j = 0; j < T::kScoresPerThread; ++j) {
       const int r = quad + 4 * j;
-      const bool visible = pair_visible(layout, text_pad_mask, coords.b, q_first + r, key, shape, tile.all);
+      const bool visible = pair_visible(layout, text_pad_mask, coords.b, q_first + r, key, shape);
       probs[j] = visible ? __expf(probs[j] * shape.scale - lse_tile[r]) : 0.f;
       s_tile[r * T::kScoreStride + own] = probs[j];
     }
@@ -494,8 +483,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) dq_acc[i] = 0.f;
 
   for (int64_t k_first = 0; k_first < shape.seq_len; k_first += T::kBlock) {
-    const TileVisibility tile = tile_visibility(layout, q_first, k_first, T::kBlock, shape.seq_len);
-    if (!tile.any) continue;
+    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with k_tile, v_tile, s_tile (and the own tiles are loaded)
     load_tile<scalar_t, kHeadDimMax>(k_tile, k_view, k_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(v_tile, v_view, k_first, shape.seq_len, shape.head_dim, vectorized);
@@ -508,7 +496,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
 #pragma unroll
     for (int j = 0; j < T::kScoresPerThread; ++j) {
       const int c = quad + 4 * j;
-      const bool visible = pair_visible(layout, text_pad_mask, coords.b, query, k_first + c, shape, tile.all);
+      const bool visible = pair_visible(layout, text_pad_mask, coords.b, query, k_first + c, shape);
       const float p = visible ? __expf(scores[j] * shape.scale - row_lse) : 0.f;
       s_tile[row * T::kScoreStride + c] = p * (dprobs[j] - row_delta);
     }
@@ -567,6 +555,9 @@ AttentionArgs make_args(const char* op, const at::Tensor& q, const std::optional
   TORCH_CHECK(frames >= 1 && grid_h >= 1 && grid_w >= 1, op, ": frames, grid_h, grid_w must be >= 1, got ", frames,
               ", ", grid_h, ", ", grid_w);
   const int64_t seq_len = q.size(1);
+  TORCH_CHECK(seq_len < std::numeric_limits<int32_t>::max() && window < std::numeric_limits<int32_t>::max(), op,
+              ": L and window must be < 2^31 (the visibility rule indexes tokens with int), got L = ", seq_len,
+              ", window = ", window);
   TORCH_CHECK(seq_len == text_len + frames * grid_h * grid_w, op,
               ": L must equal text_len + frames * grid_h * grid_w = ", text_len, " + ", frames, " * ", grid_h, " * ",
               grid_w, " = ", text_len + frames * grid_h * grid_w, ", got L = ", seq_len);
@@ -588,8 +579,10 @@ AttentionArgs make_args(const char* op, const at::Tensor& q, const std::optional
                 mask.device());
   }
   AttentionArgs args;
-  args.layout = vis::make_visibility_layout(text_len, frames, grid_h, grid_w, channel == "plus",
-                                            attention == "window", window, shifted, stage == "interpolation");
+  args.layout = vis::make_layout(static_cast<int>(text_len), static_cast<int>(frames), static_cast<int>(grid_h),
+                                 static_cast<int>(grid_w), channel == "plus" ? vis::kPlus : vis::kBase,
+                                 attention == "window" ? vis::kWindow : vis::kFull, static_cast<int>(window), shifted,
+                                 stage == "interpolation" ? vis::kInterpolation : vis::kSequential);
   args.shape.batch = q.size(0);
   args.shape.seq_len = seq_len;
   args.shape.heads = q.size(2);
