@@ -255,6 +255,14 @@ def main() -> int:
                                    attention, layout["window"], shifted, stage)
 
     checker = Checker(load_tolerances())
+    from torchnova.dual_channel import masks
+
+    for layout in (SMALL, RELEASED):  # the package's rule (masks.py) against the CogVideo-style construction
+        for channel, attention, shifted, stage in modes():
+            expected = dense_mask(layout, channel, attention, shifted, stage)
+            rule = masks.visibility(layout["text_len"], layout["frames"], layout["grid_h"], layout["grid_w"], channel,
+                                    attention, layout["window"], shifted, stage)
+            checker.require(f"masks.visibility {channel}/{attention}/{shifted}/{stage}", torch.equal(rule, expected))
     generator = torch.Generator().manual_seed(0)
     check_errors(checker)
     for dtype in DTYPES:
