@@ -180,6 +180,16 @@ def test_saf_skips_samples_whose_slot_is_stale():
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_saf_fp16_bank_clamps_huge_logits_instead_of_storing_inf():
+    saf = torchnova.SAF(2, 3, epochs_ago=1, start_epoch=-1, dtype=torch.float16)
+    saf.loss(torch.tensor([[1e6, 0.0, -1e6], [1.0, 2.0, 3.0]]), torch.tensor([0, 1]), epoch=0)
+    assert torch.isfinite(saf.bank).all()
+    logits = torch.randn(2, 3, requires_grad=True)
+    loss = saf.loss(logits, torch.tensor([0, 1]), epoch=1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
 def test_saf_bad_input():
     saf = torchnova.SAF(5, 3)
     with pytest.raises(ValueError, match=r"indices must be in \[0, num_samples=5\), got values in \[2, 5\]"):

@@ -260,6 +260,9 @@ class SAF:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             logits, indices = _all_gather_rows(logits, indices.to(logits.device))
         slot = epoch % self.slots
+        if self.bank.dtype == torch.float16:  # beyond ±65504 fp16 holds inf, and an inf teacher logit gives NaN
+            limit = torch.finfo(torch.float16).max
+            logits = logits.clamp(-limit, limit)
         self.bank[indices.cpu(), slot] = logits.to("cpu", self.bank.dtype)
         self.written_epoch[indices.cpu(), slot] = epoch
 
