@@ -11,8 +11,8 @@ part of what a user pays). A backend that rejects the inputs (flash with a bias;
 than 65,535 problems) is recorded as an error or skipped with its reason.
 
 FLOPs (matmuls only, 2 per multiply-add): forward 4·P·L²·D with P problems of length L (temporal: P = B·S·H,
-L = T; spatial: P = B·T·H, L = S); backward 2.5× forward (flash-attention's convention: 5 matmuls of that size, the recomputed QKᵀ
-included); fwd+bwd 3.5× forward.
+L = T; spatial: P = B·T·H, L = S); backward 2.5× forward (flash-attention's convention: 5 matmuls of that
+size, the recomputed QKᵀ included); fwd+bwd 3.5× forward.
 Bytes (temporal is memory-bound): forward reads q, k, v and writes out, 4·N·e (N = B·T·S·H·D elements of e
 bytes); backward reads q, k, v, out, dout and writes dq, dk, dv, 8·N·e; fwd+bwd 12·N·e. The bias is negligible.
 

@@ -172,7 +172,8 @@ def summarize(results: list[dict], methods: list[str], rho: float) -> str:
         runs = [r for r in results if r["method"] == method]
         joules = [r["j_per_epoch"] for r in runs]
         rows.append([
-            method, _mean_std([r["test_acc"] for r in runs], 100.0), _mean_std([r["train_loss"] for r in runs], digits=4),
+            method, _mean_std([r["test_acc"] for r in runs], 100.0),
+            _mean_std([r["train_loss"] for r in runs], digits=4),
             f"{statistics.median(r['s_per_epoch'] for r in runs):.3f}", f"{runs[0]['extra_mb']:.3f}",
             _mean_std(joules, digits=1) if None not in joules else "n/a",
             _mean_std([r["sharp_random"] for r in runs], digits=4),
@@ -233,8 +234,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in methods:
             result = run(method, seed, data, args)
             results.append(result)
-            print(f"seed {seed} {method:5s}: test acc {100 * result['test_acc']:.2f}%  "
-                  f"train loss {result['train_loss']:.4f}  {result['s_per_epoch']:.3f} s/epoch", flush=True)  # fmt: skip
+            print(
+                f"seed {seed} {method:5s}: test acc {100 * result['test_acc']:.2f}%  "
+                f"train loss {result['train_loss']:.4f}  {result['s_per_epoch']:.3f} s/epoch",
+                flush=True,
+            )
     print(f"\n{args.seeds} seed(s) × {args.epochs} epochs, {len(data[0][0])} train / {len(data[1][0])} test digits, "
           f"{time.perf_counter() - start:.0f} s\n")  # fmt: skip
     print(summarize(results, methods, args.rho))

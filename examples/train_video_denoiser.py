@@ -138,8 +138,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     model = VideoDenoiser(backend=args.backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(1)
-    print(f"VDM-style denoiser, {sum(p.numel() for p in model.parameters()):,} parameters, attention backend "
-          f"{args.backend!r}; batches of {args.batch} clips: {args.frames} video frames + {args.images} images")  # fmt: skip
+    print(
+        f"VDM-style denoiser, {sum(p.numel() for p in model.parameters()):,} parameters, attention backend "
+        f"{args.backend!r}; batches of {args.batch} clips: {args.frames} video frames + {args.images} images"
+    )
     losses, start = [], time.perf_counter()
     with EnergyMeter("cpu") as meter:
         for step in range(1, args.steps + 1):

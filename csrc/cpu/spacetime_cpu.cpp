@@ -59,7 +59,9 @@ struct View5 {
   int64_t sb, st, ss, sh;
   explicit View5(const at::Tensor& x)
       : data(x.data_ptr<scalar_t>()), sb(x.stride(0)), st(x.stride(1)), ss(x.stride(2)), sh(x.stride(3)) {}
-  TORCHNOVA_INLINE const scalar_t* row(int64_t b, int64_t t, int64_t s, int64_t h) const { return data + b * sb + t * st + s * ss + h * sh; }
+  TORCHNOVA_INLINE const scalar_t* row(int64_t b, int64_t t, int64_t s, int64_t h) const {
+    return data + b * sb + t * st + s * ss + h * sh;
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -83,6 +85,21 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// What every backward gets besides q, k, v: grad_out and out like q, lse (B, T, S, H) in the accumulation dtype.
+void check_bwd_inputs(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,
+                      const at::Tensor& lse) {
+  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+              ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+              ": grad_out and out must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, op, ": grad_out needs stride(-1) == 1");
+  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, op, ": out needs stride(-1) == 1");
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2) && lse.size(3) == q.size(3),
+              op, ": lse must be ", acc, " of shape (B, T, S, H), got ", lse.scalar_type(), " ", lse.sizes());
+}
+
 // ----------------------------------------------------------------------------------------------------------
 // temporal
 // ----------------------------------------------------------------------------------------------------------
@@ -104,7 +121,8 @@ void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optio
     TORCH_CHECK(bias->dim() == 3 && bias->size(0) == H && bias->size(1) == T && bias->size(2) == T, op,
                 ": bias must have shape (H, T, T) = (", H, ", ", T, ", ", T, "), got ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == acc_type(q.scalar_type()) && bias->is_contiguous() && bias->device().is_cpu(),
-                op, ": bias must be a contiguous CPU ", acc_type(q.scalar_type()), " tensor, got ", bias->scalar_type());
+                op, ": bias must be a contiguous CPU ", acc_type(q.scalar_type()), " tensor, got ",
+                bias->scalar_type());
   }
   if (segment_ids.has_value()) {
     TORCH_CHECK(segment_ids->dim() == 2 && segment_ids->size(0) == B && segment_ids->size(1) == T, op,
@@ -253,17 +271,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   (void)deterministic;  // the CPU reduction is always deterministic (see the file header)
   check_qkv("temporal_attention_bwd", q, k, v);
   check_temporal_extras("temporal_attention_bwd", q, bias, segment_ids);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "temporal_attention_bwd: grad_out and out must have q's shape ", q.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "temporal_attention_bwd: grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, "temporal_attention_bwd: grad_out needs stride(-1) == 1");
-  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, "temporal_attention_bwd: out needs stride(-1) == 1");
+  check_bwd_inputs("temporal_attention_bwd", grad_out, q, out, lse);
   const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2) && lse.size(3) == q.size(3),
-              "temporal_attention_bwd: lse must be ", acc, " of shape (B, T, S, H), got ", lse.scalar_type(), " ",
-              lse.sizes());
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
@@ -358,17 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cpu(const a
                                                                          const at::Tensor& v, const at::Tensor& out,
                                                                          const at::Tensor& lse, double scale) {
   check_qkv("spatial_attention_bwd", q, k, v);
-  TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
-              "spatial_attention_bwd: grad_out and out must have q's shape ", q.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-              "spatial_attention_bwd: grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, "spatial_attention_bwd: grad_out needs stride(-1) == 1");
-  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, "spatial_attention_bwd: out needs stride(-1) == 1");
+  check_bwd_inputs("spatial_attention_bwd", grad_out, q, out, lse);
   const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
-                  lse.size(2) == q.size(2) && lse.size(3) == q.size(3),
-              "spatial_attention_bwd: lse must be ", acc, " of shape (B, T, S, H), got ", lse.scalar_type(), " ",
-              lse.sizes());
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);

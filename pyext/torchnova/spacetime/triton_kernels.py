@@ -53,6 +53,20 @@ if HAS_TRITON:
         return offs, mask
 
     @triton.jit
+    def _load_qkv(
+        q_ptr, k_ptr, v_ptr, qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+        b, s, h, T, D, T_PAD: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        """The (T_PAD, D_PAD) tiles of problem (b, s, h), zero outside (T, D), and the in-bounds mask."""
+        q_offs, tile_mask = _tile_offsets(b, s, h, T, D, qsb, qst, qss, qsh, T_PAD, D_PAD)
+        k_offs, _ = _tile_offsets(b, s, h, T, D, ksb, kst, kss, ksh, T_PAD, D_PAD)
+        v_offs, _ = _tile_offsets(b, s, h, T, D, vsb, vst, vss, vsh, T_PAD, D_PAD)
+        q = tl.load(q_ptr + q_offs, mask=tile_mask, other=0.0)
+        k = tl.load(k_ptr + k_offs, mask=tile_mask, other=0.0)
+        v = tl.load(v_ptr + v_offs, mask=tile_mask, other=0.0)
+        return q, k, v, tile_mask
+
+    @triton.jit
     def _visible(seg_ptr, b, T, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, T_PAD: tl.constexpr):
         i = tl.arange(0, T_PAD)[:, None]
         j = tl.arange(0, T_PAD)[None, :]
@@ -97,12 +111,10 @@ if HAS_TRITON:
             if problem < B * S:
                 b = problem // S
                 s = problem % S
-                q_offs, tile_mask = _tile_offsets(b, s, h, T, D, qsb, qst, qss, qsh, T_PAD, D_PAD)
-                k_offs, _ = _tile_offsets(b, s, h, T, D, ksb, kst, kss, ksh, T_PAD, D_PAD)
-                v_offs, _ = _tile_offsets(b, s, h, T, D, vsb, vst, vss, vsh, T_PAD, D_PAD)
-                q = tl.load(q_ptr + q_offs, mask=tile_mask, other=0.0)
-                k = tl.load(k_ptr + k_offs, mask=tile_mask, other=0.0)
-                v = tl.load(v_ptr + v_offs, mask=tile_mask, other=0.0)
+                q, k, v, tile_mask = _load_qkv(
+                    q_ptr, k_ptr, v_ptr, qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+                    b, s, h, T, D, T_PAD, D_PAD,
+                )  # fmt: skip
                 visible = _visible(seg_ptr, b, T, HAS_SEG, CAUSAL, T_PAD)
                 scores = _scores(q, k, bias_tile, visible, scale, IEEE)
                 row_max = tl.max(scores, axis=1)
@@ -146,13 +158,11 @@ if HAS_TRITON:
             if problem < B * S:
                 b = problem // S
                 s = problem % S
-                q_offs, tile_mask = _tile_offsets(b, s, h, T, D, qsb, qst, qss, qsh, T_PAD, D_PAD)
-                k_offs, _ = _tile_offsets(b, s, h, T, D, ksb, kst, kss, ksh, T_PAD, D_PAD)
-                v_offs, _ = _tile_offsets(b, s, h, T, D, vsb, vst, vss, vsh, T_PAD, D_PAD)
+                q, k, v, tile_mask = _load_qkv(
+                    q_ptr, k_ptr, v_ptr, qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+                    b, s, h, T, D, T_PAD, D_PAD,
+                )  # fmt: skip
                 c_offs, _ = _tile_offsets(b, s, h, T, D, T * S * H * D, S * H * D, H * D, D, T_PAD, D_PAD)
-                q = tl.load(q_ptr + q_offs, mask=tile_mask, other=0.0)
-                k = tl.load(k_ptr + k_offs, mask=tile_mask, other=0.0)
-                v = tl.load(v_ptr + v_offs, mask=tile_mask, other=0.0)
                 do = tl.load(grad_out_ptr + c_offs, mask=tile_mask, other=0.0)
                 o = tl.load(out_ptr + c_offs, mask=tile_mask, other=0.0)
                 lse = tl.load(lse_ptr + ((b * T + rows) * S + s) * H + h, mask=rows < T, other=0.0)
