@@ -20,7 +20,7 @@ def _example_inputs(device: torch.device, dtype: torch.dtype) -> dict:
         "mesa_kl": {"student_logits": logits, "teacher_logits": logits},
         "temporal_attention": qkv,
         "spatial_attention": qkv,
-        "cogvideo_attention": {"x": torch.empty(1, 1, 1, 64, device=device, dtype=dtype), "head_dim": 64},  # (B, L, H, D)
+        "cogvideo_attention": {"x": torch.empty(1, 1, 1, 64, device=device, dtype=dtype), "head_dim": 64},
         "dual_channel_mix": {"x": logits},
     }
 
