@@ -7,7 +7,8 @@ Inputs (B, T, S, H, D) as slices of one fused qkv tensor (B, T, S, 3, H, D), as 
 Baselines: ``torch-eager`` (einsum/softmax written out, as video-diffusion-pytorch does); ``sdpa-<backend>``:
 the layout permute to (B·S, H, T, D) (temporal) or (B·T, H, S, D) (spatial), ``scaled_dot_product_attention``
 under ``sdpa_kernel(<backend>)`` with the bias as a float ``attn_mask``, and the permute back (the copies are
-part of what a user pays). A backend that rejects the inputs (flash with a bias; CUDA-only ones on CPU; more
+part of what a user pays); ``flex-attention``: the same layout through compiled FlexAttention with the bias as a
+``score_mod`` (CUDA only). A backend that rejects the inputs (flash with a bias; CUDA-only ones on CPU; more
 than 65,535 problems) is recorded as an error or skipped with its reason.
 
 FLOPs (matmuls only, 2 per multiply-add): forward 4·P·L²·D with P problems of length L (temporal: P = B·S·H,
@@ -76,21 +77,68 @@ def eager_spatial(q, k, v):
     return torch.einsum("bthij,btjhd->btihd", scores.float().softmax(dim=-1).to(q.dtype), v)
 
 
+def to_problems(x, kind):
+    """(B, T, S, H, D) -> the (batch, H, L, D) layout of SDPA / FlexAttention (a copy, as users pay it)."""
+    B, T, S, H, D = x.shape
+    if kind == "temporal":
+        return x.permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D)
+    return x.permute(0, 1, 3, 2, 4).reshape(B * T, H, S, D)
+
+
+def from_problems(out, shape, kind):
+    B, T, S, H, D = shape
+    if kind == "temporal":
+        return out.reshape(B, S, H, T, D).permute(0, 3, 1, 2, 4)
+    return out.reshape(B, T, H, S, D).permute(0, 1, 3, 2, 4)
+
+
 def sdpa_temporal(q, k, v, bias, backend):
     B, T, S, H, D = q.shape
-    to_sdpa = lambda x: x.permute(0, 2, 3, 1, 4).reshape(B * S, H, T, D)  # noqa: E731
     mask = bias.to(q.dtype).unsqueeze(0).expand(B * S, H, T, T)
     with torch.nn.attention.sdpa_kernel(_sdpa_backend(backend)):
-        out = F.scaled_dot_product_attention(to_sdpa(q), to_sdpa(k), to_sdpa(v), attn_mask=mask)
-    return out.reshape(B, S, H, T, D).permute(0, 3, 1, 2, 4)
+        out = F.scaled_dot_product_attention(*(to_problems(x, "temporal") for x in (q, k, v)), attn_mask=mask)
+    return from_problems(out, q.shape, "temporal")
 
 
 def sdpa_spatial(q, k, v, backend):
-    B, T, S, H, D = q.shape
-    to_sdpa = lambda x: x.permute(0, 1, 3, 2, 4).reshape(B * T, H, S, D)  # noqa: E731
     with torch.nn.attention.sdpa_kernel(_sdpa_backend(backend)):
-        out = F.scaled_dot_product_attention(to_sdpa(q), to_sdpa(k), to_sdpa(v))
-    return out.reshape(B, T, H, S, D).permute(0, 1, 3, 2, 4)
+        out = F.scaled_dot_product_attention(*(to_problems(x, "spatial") for x in (q, k, v)))
+    return from_problems(out, q.shape, "spatial")
+
+
+def _flex_provider(kind: str) -> Provider:
+    """Compiled FlexAttention; the temporal bias as a score_mod (learned, so it gets its gradient)."""
+
+    def make(inputs: Inputs):
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch.compiler.reset()  # a fresh compile per case, like a fixed-shape training loop
+        compiled = torch.compile(flex_attention, dynamic=False)
+        q, k, v = _split(inputs)
+        score_mod = None
+        if kind == "temporal":
+            bias = inputs["bias"]
+
+            def score_mod(score, b, h, i, j):
+                return score + bias[h, i, j]
+
+        def run():
+            out = compiled(*(to_problems(x, kind) for x in (q, k, v)), score_mod=score_mod)
+            return from_problems(out, q.shape, kind)
+
+        return run
+
+    def reasons(inputs: Inputs) -> list[str]:
+        device = inputs["qkv"].device
+        if device.type != "cuda":
+            return [f"device={device.type} (FlexAttention is benchmarked on CUDA: its CPU path compiles per shape)"]
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as exc:
+            return [f"FlexAttention is not importable ({exc})"]
+        return []
+
+    return Provider("flex-attention", True, make, reasons)
 
 
 def _sdpa_backend(name: str):
@@ -153,7 +201,7 @@ def _baselines(kind: str) -> list[Provider]:
         Provider(f"sdpa-{b}", True, functools.partial(make_sdpa, b), functools.partial(_sdpa_reasons, b))
         for b in SDPA_BACKENDS
     ]
-    return [Provider("torch-eager", True, make_eager), *sdpa]
+    return [Provider("torch-eager", True, make_eager), *sdpa, _flex_provider(kind)]
 
 
 def _shape(B, T, S, H, D):
