@@ -9,10 +9,11 @@
 //   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
 //   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dO_i,
 //   dbias[h, i, j] = sum over all (b, s) problems of dS_ij
-// Each problem's T x D tiles of q, k, v (and dO, O in backward) are copied to thread-local buffers in the
-// accumulation type, so the T x T work runs on contiguous rows. at::parallel_for over problems.
-// dbias is reduced deterministically: problems are cut into a number of chunks that depends only on the
-// problem count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
+// Work items are (b, s) pairs: their T x H x D blocks of q, k, v (and dO, O in backward) are copied to
+// thread-local buffers in the accumulation type (contiguous H*D runs per frame, so the loads stream), and the
+// item's H problems run on them. at::parallel_for over items, AVX2+FMA copy chosen at runtime.
+// dbias is reduced deterministically: items are cut into a number of chunks that depends only on the
+// item count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
 // are added in chunk order, so two runs give bit-identical results on any machine.
 //
 // spatial: one problem per (b, t, h), a sequence over the S tokens of a frame, no mask, no bias. Queries are
@@ -26,6 +27,7 @@
 #include <torch/extension.h>
 
 #include "cpu_dispatch.h"
+#include "cpu_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -114,6 +116,24 @@ struct TemporalMask {
   }
 };
 
+// scores[j] = scale q_i . k_j + bias[h, i, j] for visible keys (rows ld apart), -inf for masked ones; returns
+// the row max (finite: the diagonal is always visible).
+template <typename acc_t>
+TORCHNOVA_INLINE acc_t row_scores(const acc_t* qb, const acc_t* kb, int64_t ld, const acc_t* bias,
+                                  const TemporalMask& mask, acc_t scale, int64_t b, int64_t h, int64_t i, int64_t T,
+                                  int64_t D, acc_t* scores) {
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t j = 0; j < T; ++j) {
+    if (!mask.visible(b, i, j)) {
+      scores[j] = -std::numeric_limits<acc_t>::infinity();
+      continue;
+    }
+    scores[j] = scale * dot(qb + i * ld, kb + j * ld, D) + (bias ? bias[(h * T + i) * T + j] : acc_t(0));
+    row_max = std::max(row_max, scores[j]);
+  }
+  return row_max;
+}
+
 void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& bias,
                            const c10::optional<at::Tensor>& segment_ids) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(3);
@@ -133,47 +153,53 @@ void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optio
   }
 }
 
+// One work item is a (b, s) pair: its T x (H x D) blocks of q, k, v are contiguous runs of H*D elements per
+// frame (the layout's innermost dims), so the loads stream; the H problems of the item then run on the buffers
+// with row stride H*D.
+template <typename scalar_t, typename acc_t>
+TORCHNOVA_INLINE void load_item(const View5<scalar_t>& x, int64_t b, int64_t s, int64_t T, int64_t H, int64_t D,
+                                acc_t* dst) {
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) load_row(x.row(b, t, s, h), dst + (t * H + h) * D, D);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* bias,
                        const TemporalMask& mask, acc_t scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const View5<scalar_t> qv(q), kv(k), vv(v);
   scalar_t* out_p = out.data_ptr<scalar_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
-  const int64_t problems = B * S * H;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(T * T, 1));
-  cpu::parallel_for_isa(problems, grain, [&](int64_t lo, int64_t hi) TORCHNOVA_LAMBDA_INLINE {
-    std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), scores(T), acc(D);
-    for (int64_t p = lo; p < hi; ++p) {
-      const int64_t h = p % H, s = (p / H) % S, b = p / (H * S);
-      for (int64_t t = 0; t < T; ++t) {
-        load_row(qv.row(b, t, s, h), &qb[t * D], D);
-        load_row(kv.row(b, t, s, h), &kb[t * D], D);
-        load_row(vv.row(b, t, s, h), &vb[t * D], D);
-      }
-      for (int64_t i = 0; i < T; ++i) {
-        acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-        for (int64_t j = 0; j < T; ++j) {
-          if (!mask.visible(b, i, j)) {
-            scores[j] = -std::numeric_limits<acc_t>::infinity();
-            continue;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(T * T * H, 1));
+  cpu::parallel_for_isa(B * S, grain, [&](int64_t lo, int64_t hi) TORCHNOVA_LAMBDA_INLINE {
+    std::vector<acc_t> qb(T * HD), kb(T * HD), vb(T * HD), scores(T), acc(D);
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / S, s = item % S;
+      load_item(qv, b, s, T, H, D, qb.data());
+      load_item(kv, b, s, T, H, D, kb.data());
+      load_item(vv, b, s, T, H, D, vb.data());
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t *qh = qb.data() + h * D, *kh = kb.data() + h * D, *vh = vb.data() + h * D;
+        for (int64_t i = 0; i < T; ++i) {
+          const acc_t row_max = row_scores(qh, kh, HD, bias, mask, scale, b, h, i, T, D, scores.data());
+          // One vectorized exp sweep over the row; masked scores (-inf) give exactly 0.
+          acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < T; ++j) {
+            scores[j] = cpu::exp_nonpositive(scores[j] - row_max);
+            sum += scores[j];
           }
-          scores[j] = scale * dot(&qb[i * D], &kb[j * D], D) + (bias ? bias[(h * T + i) * T + j] : acc_t(0));
-          row_max = std::max(row_max, scores[j]);
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t j = 0; j < T; ++j) {
+            if (scores[j] != acc_t(0)) axpy(scores[j], vh + j * HD, acc.data(), D);
+          }
+          // The diagonal is always visible, so sum >= 1 and row_max is finite.
+          scalar_t* o = out_p + (((b * T + i) * S + s) * H + h) * D;
+          const acc_t inv = acc_t(1) / sum;
+          for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
+          lse_p[((b * T + i) * S + s) * H + h] = row_max + std::log(sum);
         }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        acc_t sum = 0;
-        for (int64_t j = 0; j < T; ++j) {
-          if (scores[j] == -std::numeric_limits<acc_t>::infinity()) continue;  // masked: exactly 0
-          const acc_t e = std::exp(scores[j] - row_max);
-          sum += e;
-          axpy(e, &vb[j * D], acc.data(), D);
-        }
-        // The diagonal is always visible, so sum >= 1 and row_max is finite.
-        scalar_t* o = out_p + (((b * T + i) * S + s) * H + h) * D;
-        const acc_t inv = acc_t(1) / sum;
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[d] * inv);
-        lse_p[((b * T + i) * S + s) * H + h] = row_max + std::log(sum);
       }
     }
   });
@@ -183,53 +209,57 @@ template <typename scalar_t, typename acc_t>
 void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, const acc_t* bias, const TemporalMask& mask,
                        acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* dbias) {
-  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4);
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
-  const int64_t problems = B * S * H;
-  // Deterministic dbias: a chunk count that depends on the problem count only.
-  const int64_t chunks = dbias ? std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (problems + 63) / 64)) : 1;
-  const int64_t per_chunk = (problems + chunks - 1) / chunks;
+  const int64_t items = B * S;
+  // Deterministic dbias: a chunk count that depends on the item count only (never on the thread count).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (items + 15) / 16));
+  const int64_t per_chunk = (items + chunks - 1) / chunks;
   std::vector<acc_t> partial(dbias ? chunks * H * T * T : 0, acc_t(0));
   cpu::parallel_for_isa(chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) TORCHNOVA_LAMBDA_INLINE {
-    std::vector<acc_t> qb(T * D), kb(T * D), vb(T * D), gb(T * D), dqb(T * D), dkb(T * D), dvb(T * D);
-    std::vector<acc_t> prob(T * T), delta(T);
+    std::vector<acc_t> qb(T * HD), kb(T * HD), vb(T * HD), gb(T * HD), dqb(T * HD), dkb(T * HD), dvb(T * HD);
+    std::vector<acc_t> probs(T), delta(T * H);
     for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
       acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
-      for (int64_t p = chunk * per_chunk; p < std::min(problems, (chunk + 1) * per_chunk); ++p) {
-        const int64_t h = p % H, s = (p / H) % S, b = p / (H * S);
-        for (int64_t t = 0; t < T; ++t) {
-          load_row(qv.row(b, t, s, h), &qb[t * D], D);
-          load_row(kv.row(b, t, s, h), &kb[t * D], D);
-          load_row(vv.row(b, t, s, h), &vb[t * D], D);
-          load_row(gv.row(b, t, s, h), &gb[t * D], D);
-          std::vector<acc_t>& ob = dqb;  // O is only needed for delta: borrow dq's buffer before it is zeroed
-          load_row(ov.row(b, t, s, h), &ob[t * D], D);
-          delta[t] = dot(&gb[t * D], &ob[t * D], D);
-        }
+      for (int64_t item = chunk * per_chunk; item < std::min(items, (chunk + 1) * per_chunk); ++item) {
+        const int64_t b = item / S, s = item % S;
+        load_item(qv, b, s, T, H, D, qb.data());
+        load_item(kv, b, s, T, H, D, kb.data());
+        load_item(vv, b, s, T, H, D, vb.data());
+        load_item(gv, b, s, T, H, D, gb.data());
+        load_item(ov, b, s, T, H, D, dqb.data());  // O is only needed for delta: borrow dq's buffer
+        for (int64_t r = 0; r < T * H; ++r) delta[r] = dot(&gb[r * D], &dqb[r * D], D);
         std::fill(dqb.begin(), dqb.end(), acc_t(0));
         std::fill(dkb.begin(), dkb.end(), acc_t(0));
         std::fill(dvb.begin(), dvb.end(), acc_t(0));
-        for (int64_t i = 0; i < T; ++i) {
-          const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
-          for (int64_t j = 0; j < T; ++j) {
-            if (!mask.visible(b, i, j)) continue;
-            const acc_t score = scale * dot(&qb[i * D], &kb[j * D], D) + (bias ? bias[(h * T + i) * T + j] : acc_t(0));
-            const acc_t pij = std::exp(score - row_lse);
-            const acc_t dsij = pij * (dot(&gb[i * D], &vb[j * D], D) - delta[i]);
-            axpy(pij, &gb[i * D], &dvb[j * D], D);
-            axpy(scale * dsij, &kb[j * D], &dqb[i * D], D);
-            axpy(scale * dsij, &qb[i * D], &dkb[j * D], D);
-            if (chunk_bias) chunk_bias[(h * T + i) * T + j] += dsij;
+        for (int64_t h = 0; h < H; ++h) {
+          const acc_t *qh = qb.data() + h * D, *kh = kb.data() + h * D, *vh = vb.data() + h * D;
+          const acc_t* gh = gb.data() + h * D;
+          acc_t *dqh = dqb.data() + h * D, *dkh = dkb.data() + h * D, *dvh = dvb.data() + h * D;
+          for (int64_t i = 0; i < T; ++i) {
+            const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
+            row_scores(qh, kh, HD, bias, mask, scale, b, h, i, T, D, probs.data());
+#pragma omp simd
+            for (int64_t j = 0; j < T; ++j) probs[j] = cpu::exp_nonpositive(probs[j] - row_lse);
+            for (int64_t j = 0; j < T; ++j) {
+              const acc_t pij = probs[j];
+              if (pij == acc_t(0)) continue;  // masked (or underflowed): no contribution
+              const acc_t dsij = pij * (dot(gh + i * HD, vh + j * HD, D) - delta[i * H + h]);
+              axpy(pij, gh + i * HD, dvh + j * HD, D);
+              axpy(scale * dsij, kh + j * HD, dqh + i * HD, D);
+              axpy(scale * dsij, qh + i * HD, dkh + j * HD, D);
+              if (chunk_bias) chunk_bias[(h * T + i) * T + j] += dsij;
+            }
           }
         }
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t offset = (((b * T + t) * S + s) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dq_p[offset + d] = static_cast<scalar_t>(dqb[t * D + d]);
-            dk_p[offset + d] = static_cast<scalar_t>(dkb[t * D + d]);
-            dv_p[offset + d] = static_cast<scalar_t>(dvb[t * D + d]);
+        for (int64_t t = 0; t < T; ++t) {  // outputs are contiguous: one run of H*D per frame
+          const int64_t offset = ((b * T + t) * S + s) * HD;
+          for (int64_t e = 0; e < HD; ++e) {
+            dq_p[offset + e] = static_cast<scalar_t>(dqb[t * HD + e]);
+            dk_p[offset + e] = static_cast<scalar_t>(dkb[t * HD + e]);
+            dv_p[offset + e] = static_cast<scalar_t>(dvb[t * HD + e]);
           }
         }
       }
