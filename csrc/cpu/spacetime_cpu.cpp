@@ -398,7 +398,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cpu(const a
                                                                          const at::Tensor& lse, double scale) {
   check_qkv("spatial_attention_bwd", q, k, v);
   check_bwd_inputs("spatial_attention_bwd", grad_out, q, out, lse);
-  const auto acc = acc_type(q.scalar_type());
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dk = at::empty_like(dq), dv = at::empty_like(dq);
