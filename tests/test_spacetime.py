@@ -6,6 +6,7 @@ strided q/k/v sliced out of one fused qkv tensor, a 70,000-problem temporal batc
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -133,6 +134,19 @@ def test_triton_spatial_backward_is_bit_identical_across_runs(small_spatial_bloc
     qkv, (q, k, v) = spatial_triton_inputs((1, 1, 37, 2, 40), torch.float32)
     results = [grads(torchnova.spatial_attention(q, k, v, backend="triton"), [q, k, v]) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_triton_spatial_padding_never_overflows(small_spatial_blocks):
+    """Scores near -1600 (lse very negative): a padded (zero) key would score 0 and exp(0 - lse) overflow, so the
+    kernels mask before exponentiating; in the interpreter an overflow shows as a numpy RuntimeWarning."""
+    shape = (1, 1, 37, 1, 16)
+    q = torch.full(shape, 10.0, device=TRITON_DEVICE, requires_grad=True)
+    k = torch.full(shape, -10.0, device=TRITON_DEVICE, requires_grad=True)
+    v = torch.randn(shape, device=TRITON_DEVICE, requires_grad=True)
+    skip_unless_runs("spatial_attention", "triton", q=q, k=k, v=v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_spatial_against_reference(q, k, v, torch.float32, scale=1.0)
 
 
 @pytest.mark.parametrize(

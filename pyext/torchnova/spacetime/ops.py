@@ -133,13 +133,6 @@ def _make_temporal_backward(bwd_op):
     return backward
 
 
-def _register_temporal(fwd_name: str, bwd_name: str) -> None:
-    torch.library.register_fake(fwd_name)(_temporal_fwd_fake)
-    torch.library.register_fake(bwd_name)(_temporal_bwd_fake)
-    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
-    torch.library.register_autograd(fwd_name, _make_temporal_backward(bwd_op), setup_context=_temporal_setup)
-
-
 def _spatial_fwd_fake(q, k, v, scale):
     return _outputs_like(q)
 
@@ -164,24 +157,32 @@ def _make_spatial_backward(bwd_op):
     return backward
 
 
-def _register_spatial(fwd_name: str, bwd_name: str) -> None:
-    torch.library.register_fake(fwd_name)(_spatial_fwd_fake)
-    torch.library.register_fake(bwd_name)(_spatial_bwd_fake)
+_FWD_BWD_REGISTRATION = {  # op family: (forward fake, backward fake, make_backward(bwd_op), setup_context)
+    "temporal": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
+    "spatial": (_spatial_fwd_fake, _spatial_bwd_fake, _make_spatial_backward, _spatial_setup),
+}
+
+
+def _register(family: str, fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels for a (forward, backward) op pair and the forward's autograd, which calls the backward op."""
+    fwd_fake, bwd_fake, make_backward, setup_context = _FWD_BWD_REGISTRATION[family]
+    torch.library.register_fake(fwd_name)(fwd_fake)
+    torch.library.register_fake(bwd_name)(bwd_fake)
     bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
-    torch.library.register_autograd(fwd_name, _make_spatial_backward(bwd_op), setup_context=_spatial_setup)
+    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
 
 
 if _ext.HAS_CPP:
-    _register_temporal("torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
-    _register_spatial("torchnova::spatial_attention_fwd", "torchnova::spatial_attention_bwd")
+    _register("temporal", "torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
+    _register("spatial", "torchnova::spatial_attention_fwd", "torchnova::spatial_attention_bwd")
 
 if triton_kernels.HAS_TRITON:
     define_triton_op("torchnova::temporal_attention_fwd_triton", triton_kernels.temporal_attention_fwd_triton)
     define_triton_op("torchnova::temporal_attention_bwd_triton", triton_kernels.temporal_attention_bwd_triton)
-    _register_temporal("torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
+    _register("temporal", "torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
     define_triton_op("torchnova::spatial_attention_fwd_triton", triton_kernels.spatial_attention_fwd_triton)
     define_triton_op("torchnova::spatial_attention_bwd_triton", triton_kernels.spatial_attention_bwd_triton)
-    _register_spatial("torchnova::spatial_attention_fwd_triton", "torchnova::spatial_attention_bwd_triton")
+    _register("spatial", "torchnova::spatial_attention_fwd_triton", "torchnova::spatial_attention_bwd_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -325,28 +325,25 @@ if HAS_TRITON:
         return c
 
     @triton.jit
-    def _spatial_program(PROBLEMS_ON_AXIS0: tl.constexpr):
-        """(row block, problem) of this program; see spatial_grid."""
+    def _spatial_problem(
+        q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0: tl.constexpr
+    ):  # fmt: skip
+        """This program's row block, and problem (b, t, h) = (b·T + t)·H + h as pointers to its token 0 in q, k, v
+        plus the int64 offset of its token 0 in a contiguous (B, T, S, H) tensor (lse, delta; token s is H further
+        per s, and the same token of a contiguous (B, T, S, H, D) tensor sits at D times that). See spatial_grid."""
         if PROBLEMS_ON_AXIS0:
-            problem = tl.program_id(0)
+            problem = tl.program_id(0).to(tl.int64)
             block = tl.program_id(1)
         else:
             block = tl.program_id(0)
-            problem = tl.program_id(1)
-        return block, problem
-
-    @triton.jit
-    def _problem_offset(problem, T, H, sb, st, sh):
-        """int64 offset of token 0 of problem (b, t, h) = (b·T + t)·H + h in a tensor of strides (sb, st, ·, sh)."""
-        problem = problem.to(tl.int64)
-        return (problem // (T * H)) * sb + ((problem // H) % T) * st + (problem % H) * sh
-
-    @triton.jit
-    def _stat_offset(problem, S, H):
-        """int64 offset of token 0 of problem (b, t, h) in a contiguous (B, T, S, H) tensor (lse, delta); token s
-        is H further per s, and the same token of a contiguous (B, T, S, H, D) tensor sits at D times this."""
-        problem = problem.to(tl.int64)
-        return (problem // H) * S * H + problem % H
+            problem = tl.program_id(1).to(tl.int64)
+        b = problem // (T * H)
+        t = (problem // H) % T
+        h = problem % H
+        q_base = q_ptr + b * qsb + t * qst + h * qsh
+        k_base = k_ptr + b * ksb + t * kst + h * ksh
+        v_base = v_ptr + b * vsb + t * vst + h * vsh
+        return block, q_base, k_base, v_base, (problem // H) * S * H + h
 
     @triton.jit
     def _rows_tile(rows, stride, S, D, D_PAD: tl.constexpr):
@@ -359,6 +356,15 @@ if HAS_TRITON:
     def _load_rows(base_ptr, rows, stride, S, D, D_PAD: tl.constexpr):
         offs, mask = _rows_tile(rows, stride, S, D, D_PAD)
         return tl.load(base_ptr + offs, mask=mask, other=0.0)
+
+    @triton.jit
+    def _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD: tl.constexpr):
+        return _load_rows(k_base, keys, kss, S, D, D_PAD), _load_rows(v_base, keys, vss, S, D, D_PAD)
+
+    @triton.jit
+    def _load_lse2(lse_ptr, stat_offs, rows, S):
+        """lse · log2(e) of the query rows (0 past S): P = exp2(score · scale · log2(e) − lse2)."""
+        return tl.load(lse_ptr + stat_offs, mask=rows < S, other=0.0) * 1.4426950408889634
 
     @triton.jit
     def _store_rows(base_ptr, rows, stride, tile, S, D, D_PAD: tl.constexpr):
@@ -376,18 +382,17 @@ if HAS_TRITON:
         PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        block, problem = _spatial_program(PROBLEMS_ON_AXIS0)
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr + _problem_offset(problem, T, H, qsb, qst, qsh), rows, qss, S, D, D_PAD)
-        k_base = k_ptr + _problem_offset(problem, T, H, ksb, kst, ksh)
-        v_base = v_ptr + _problem_offset(problem, T, H, vsb, vst, vsh)
+        q = _load_rows(q_base, rows, qss, S, D, D_PAD)
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of the base-2 scores
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running Σ exp2(score − m_i)
         acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
         for start in range(0, S, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, keys, kss, S, D, D_PAD)
-            v = _load_rows(v_base, keys, vss, S, D, D_PAD)
+            k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
             scores = _dot(q, tl.trans(k), IEEE) * qk_scale
             scores = tl.where(keys[None, :] < S, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every key block has a real key
@@ -397,7 +402,6 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
         acc = acc / l_i[:, None]
-        stat = _stat_offset(problem, S, H)
         _store_rows(out_ptr + stat * D, rows, H * D, acc, S, D, D_PAD)
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2: back to the natural log
         tl.store(lse_ptr + stat + rows.to(tl.int64) * H, lse, mask=rows < S)
@@ -415,25 +419,24 @@ if HAS_TRITON:
         PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        block, problem = _spatial_program(PROBLEMS_ON_AXIS0)
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_ptr + _problem_offset(problem, T, H, qsb, qst, qsh), rows, qss, S, D, D_PAD)
-        k_base = k_ptr + _problem_offset(problem, T, H, ksb, kst, ksh)
-        v_base = v_ptr + _problem_offset(problem, T, H, vsb, vst, vsh)
-        stat = _stat_offset(problem, S, H)
+        q = _load_rows(q_base, rows, qss, S, D, D_PAD)
         do = _load_rows(grad_out_ptr + stat * D, rows, H * D, S, D, D_PAD)
         o = _load_rows(out_ptr + stat * D, rows, H * D, S, D, D_PAD)
         stat_offs = stat + rows.to(tl.int64) * H
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
         tl.store(delta_ptr + stat_offs, delta, mask=rows < S)
-        lse2 = tl.load(lse_ptr + stat_offs, mask=rows < S, other=0.0) * 1.4426950408889634  # log2(e)
+        lse2 = _load_lse2(lse_ptr, stat_offs, rows, S)
         dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
         for start in range(0, S, BLOCK_N):
             keys = start + tl.arange(0, BLOCK_N)
-            k = _load_rows(k_base, keys, kss, S, D, D_PAD)
-            v = _load_rows(v_base, keys, vss, S, D, D_PAD)
-            p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None])
-            p = tl.where(keys[None, :] < S, p, 0.0)
+            k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
+            # Masked before exp2: a padded (zero) key scores 0, and exp2(0 − lse2) could overflow to inf.
+            exponent = _dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None]
+            p = tl.exp2(tl.where(keys[None, :] < S, exponent, float("-inf")))
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
@@ -451,12 +454,11 @@ if HAS_TRITON:
         PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        block, problem = _spatial_program(PROBLEMS_ON_AXIS0)
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
         keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_ptr + _problem_offset(problem, T, H, ksb, kst, ksh), keys, kss, S, D, D_PAD)
-        v = _load_rows(v_ptr + _problem_offset(problem, T, H, vsb, vst, vsh), keys, vss, S, D, D_PAD)
-        q_base = q_ptr + _problem_offset(problem, T, H, qsb, qst, qsh)
-        stat = _stat_offset(problem, S, H)
+        k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
         dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
         dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
         for start in range(0, S, BLOCK_M):
@@ -464,10 +466,10 @@ if HAS_TRITON:
             q = _load_rows(q_base, rows, qss, S, D, D_PAD)
             do = _load_rows(grad_out_ptr + stat * D, rows, H * D, S, D, D_PAD)
             stat_offs = stat + rows.to(tl.int64) * H
-            lse2 = tl.load(lse_ptr + stat_offs, mask=rows < S, other=0.0) * 1.4426950408889634  # log2(e)
+            lse2 = _load_lse2(lse_ptr, stat_offs, rows, S)
             delta = tl.load(delta_ptr + stat_offs, mask=rows < S, other=0.0)
-            p_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse2[None, :])  # Pᵀ: (keys, queries)
-            p_t = tl.where(rows[None, :] < S, p_t, 0.0)
+            exponent = _dot(k, tl.trans(q), IEEE) * qk_scale - lse2[None, :]  # Pᵀ: (keys, queries)
+            p_t = tl.exp2(tl.where((keys[:, None] < S) & (rows[None, :] < S), exponent, float("-inf")))
             dv += _dot(p_t.to(do.dtype), do, IEEE)
             ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
             dk += _dot(ds_t.to(q.dtype), q, IEEE)
