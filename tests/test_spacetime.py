@@ -186,6 +186,16 @@ def test_triton_spatial_head_dim_above_the_limit_names_the_reason():
         torchnova.spatial_attention(q, q, q, backend="triton")
 
 
+@pytest.mark.skipif(TRITON_DEVICE == "cuda", reason="the Triton interpreter's limitation (CPU tensors only)")
+def test_triton_refuses_bf16_in_the_interpreter():
+    """bf16 tl.dot is wrong in the interpreter: forced triton raises with the reason, auto takes another backend."""
+    q = torch.randn(1, 1, 5, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 tl.dot is wrong in the Triton interpreter|needs TRITON_INTERPRET"):
+        torchnova.spatial_attention(q, q, q, backend="triton")
+    out = torchnova.spatial_attention(q, q, q)
+    assert_close(out, spatial_attention_ref(q.double(), q.double(), q.double()), torch.bfloat16, "fwd", "out")
+
+
 def test_opcheck_triton_spatial_ops():
     qkv, (q, k, v) = spatial_triton_inputs((1, 2, 3, 2, 16), torch.float32, requires_grad=False)
     ops = torch.ops.torchnova

@@ -64,6 +64,8 @@ def _cuda_temporal_reasons(q, **inputs):
 
 def _triton_reasons(q, **_):
     why = _backend.triton_reasons(q.device) + _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not why:
+        why.append("dtype=bfloat16 on cpu: bfloat16 tl.dot is wrong in the Triton interpreter")
     D = q.shape[-1]
     if D > triton_kernels.MAX_HEAD_DIM:
         why.append(f"head dim D={D} > {triton_kernels.MAX_HEAD_DIM}")
