@@ -1,11 +1,12 @@
 """Factorized space-time attention: every backend vs the float64 reference, forward and every gradient.
 
-Odd sizes (T = 1, 7; S = 1, 5, 70 across a query block; D = 40, 72, 88), every option combination, strided q/k/v
-sliced out of one fused qkv tensor, a 70,000-problem temporal batch, determinism, gradcheck, opcheck, compile,
-bad input.
+Odd sizes (T = 1, 7; S = 1, 5, 37, 70 across query and key blocks; D = 40, 72, 88), every option combination,
+strided q/k/v sliced out of one fused qkv tensor, a 70,000-problem temporal batch, the spatial Triton grid above
+65,535 problems, determinism, gradcheck, opcheck, compile, bad input.
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -83,6 +84,125 @@ def test_spatial_matches_reference(backend, device, shape, dtype):
     assert_close(out, expected, dtype, "fwd", "out")
     for name, got, want in zip(["dq", "dk", "dv"], grads(out, [q, k, v]), grads(expected, [q64, k64, v64])):
         assert_close(got, want, dtype, "grad", name)
+
+
+# Triton spatial: S = 1, 5, 37 (three query and three key blocks of 16), T = 1, D = 40, 72 (padded to 64, 128).
+TRITON_SPATIAL_SHAPES = [(1, 1, 1, 1, 16), (2, 1, 5, 3, 40), (1, 2, 37, 2, 72)]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# bf16 tl.dot is wrong in the Triton interpreter: bf16 runs on a GPU only.
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if TRITON_DEVICE == "cuda" else [])
+
+
+@pytest.fixture
+def small_spatial_blocks(monkeypatch):
+    """16 x 16 tiles: several query and key blocks per problem even on tiny (fast in the interpreter) inputs."""
+    monkeypatch.setattr(triton_kernels, "SPATIAL_MAX_BLOCK", 16)
+
+
+def spatial_triton_inputs(shape, dtype, requires_grad=True):
+    qkv, (q, k, v) = fused_qkv(shape, dtype, TRITON_DEVICE, requires_grad)
+    skip_unless_runs("spatial_attention", "triton", q=q, k=k, v=v)
+    return qkv, (q, k, v)
+
+
+def check_spatial_against_reference(q, k, v, dtype, scale=0.3):
+    out = torchnova.spatial_attention(q, k, v, scale=scale, backend="triton")
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    expected = spatial_attention_ref(q64, k64, v64, scale=scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, expected, dtype, "fwd", "out")
+    for name, got, want in zip(["dq", "dk", "dv"], grads(out, [q, k, v]), grads(expected, [q64, k64, v64])):
+        assert_close(got, want, dtype, "grad", name)
+
+
+@pytest.mark.parametrize("shape", TRITON_SPATIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_spatial_matches_reference(shape, dtype, small_spatial_blocks):
+    qkv, (q, k, v) = spatial_triton_inputs(shape, dtype)
+    check_spatial_against_reference(q, k, v, dtype)
+
+
+def test_triton_spatial_lse_is_logsumexp_of_the_scores(small_spatial_blocks):
+    qkv, (q, k, v) = spatial_triton_inputs((1, 2, 37, 2, 40), torch.float32, requires_grad=False)
+    out, lse = torch.ops.torchnova.spatial_attention_fwd_triton(q, k, v, 0.3)
+    scores = torch.einsum("btihd,btjhd->btihj", q.double(), k.double()) * 0.3  # (B, T, S query, H, S key)
+    assert out.is_contiguous() and lse.dtype == torch.float32 and lse.shape == q.shape[:4]
+    assert_close(lse, scores.logsumexp(dim=-1), torch.float32, "fwd", "lse")
+
+
+def test_triton_spatial_backward_is_bit_identical_across_runs(small_spatial_blocks):
+    qkv, (q, k, v) = spatial_triton_inputs((1, 1, 37, 2, 40), torch.float32)
+    results = [grads(torchnova.spatial_attention(q, k, v, backend="triton"), [q, k, v]) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_triton_spatial_padding_never_overflows(small_spatial_blocks):
+    """Scores near -1600 (lse very negative): a padded (zero) key would score 0 and exp(0 - lse) overflow, so the
+    kernels mask before exponentiating; in the interpreter an overflow shows as a numpy RuntimeWarning."""
+    shape = (1, 1, 37, 1, 16)
+    q = torch.full(shape, 10.0, device=TRITON_DEVICE, requires_grad=True)
+    k = torch.full(shape, -10.0, device=TRITON_DEVICE, requires_grad=True)
+    v = torch.randn(shape, device=TRITON_DEVICE, requires_grad=True)
+    skip_unless_runs("spatial_attention", "triton", q=q, k=k, v=v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_spatial_against_reference(q, k, v, torch.float32, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "blocks, problems",
+    [(1, 1), (256, 65_535), (1, 65_536), (256, 131_072), (65_535, 4_000_000), (2**20, 64), (1, 2**31 - 1)],
+)
+def test_spatial_grid_never_puts_more_than_65535_on_axis_1(blocks, problems):
+    grid, problems_on_axis0 = triton_kernels.spatial_grid(blocks, problems)
+    assert len(grid) == 2 and grid[1] <= 65_535 and grid[0] <= 2**31 - 1
+    assert grid == ((problems, blocks) if problems_on_axis0 else (blocks, problems))
+    assert problems_on_axis0 == (problems > 65_535)
+
+
+def test_spatial_grid_that_cannot_fit_raises():
+    with pytest.raises(ValueError, match="do not fit a CUDA grid"):
+        triton_kernels.spatial_grid(65_536, 65_536)
+
+
+def test_triton_spatial_folded_grid(small_spatial_blocks, monkeypatch):
+    """The problems-on-axis-0 path, on 6 problems with the axis-1 limit lowered to 4 (65,536 real problems would
+    take minutes in the interpreter; the real size runs on a GPU below)."""
+    monkeypatch.setattr(triton_kernels, "MAX_GRID_YZ", 4)
+    assert triton_kernels.spatial_grid(2, 6) == ((6, 2), True)
+    qkv, (q, k, v) = spatial_triton_inputs((2, 3, 20, 1, 16), torch.float32)
+    check_spatial_against_reference(q, k, v, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="65,536+ programs take minutes in the interpreter")
+def test_triton_spatial_more_than_65535_problems():
+    qkv, (q, k, v) = spatial_triton_inputs((7, 10, 3, 1_000, 16), torch.float32)  # B·T·H = 70,000
+    check_spatial_against_reference(q, k, v, torch.float32)
+
+
+def test_triton_spatial_head_dim_above_the_limit_names_the_reason():
+    q = torch.randn(1, 1, 2, 1, triton_kernels.MAX_HEAD_DIM + 1, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match=r"`triton` is not supported because:(.|\n)*head dim D=257 > 256"):
+        torchnova.spatial_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.skipif(TRITON_DEVICE == "cuda", reason="the Triton interpreter's limitation (CPU tensors only)")
+def test_triton_refuses_bf16_in_the_interpreter():
+    """bf16 tl.dot is wrong in the interpreter: forced triton raises with the reason, auto takes another backend."""
+    q = torch.randn(1, 1, 5, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16 tl.dot is wrong in the Triton interpreter|needs TRITON_INTERPRET"):
+        torchnova.spatial_attention(q, q, q, backend="triton")
+    out = torchnova.spatial_attention(q, q, q)
+    assert_close(out, spatial_attention_ref(q.double(), q.double(), q.double()), torch.bfloat16, "fwd", "out")
+
+
+def test_opcheck_triton_spatial_ops():
+    qkv, (q, k, v) = spatial_triton_inputs((1, 2, 3, 2, 16), torch.float32, requires_grad=False)
+    ops = torch.ops.torchnova
+    torch.library.opcheck(ops.spatial_attention_fwd_triton.default, (q.clone().requires_grad_(True), k, v, 0.5))
+    out, lse = ops.spatial_attention_fwd_triton(q, k, v, 0.5)
+    args = (torch.randn_like(out), q, k, v, out, lse, 0.5)
+    torch.library.opcheck(ops.spatial_attention_bwd_triton.default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -202,6 +322,24 @@ def test_compiles_fullgraph_without_recompiles():
     torch.testing.assert_close(loss, block(q, k, v, bias))
     torch.testing.assert_close(loss_again, loss)
     assert bias.grad is not None and qkv.grad is not None
+
+
+def test_triton_spatial_compiles_fullgraph_without_recompiles():
+    qkv, (q, k, v) = spatial_triton_inputs((1, 2, 5, 2, 16), torch.float32)
+
+    def layer(q, k, v):
+        return torchnova.spatial_attention(q, k, v, backend="triton").square().sum()
+
+    torch.compiler.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=1, error_on_recompile=True):
+        loss = compiled(q, k, v)
+        (grad,) = torch.autograd.grad(loss, qkv)
+        loss_again = compiled(q, k, v)
+    expected = layer(q, k, v)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss_again, loss)
+    torch.testing.assert_close(grad, torch.autograd.grad(expected, qkv)[0])
 
 
 def test_relative_position_buckets_t5():

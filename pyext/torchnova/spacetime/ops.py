@@ -6,10 +6,11 @@
 Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
 read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
 ``reference.py``. Backends, fastest first: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
-T <= 128), ``triton`` (temporal only: T <= 64; on CPU under TRITON_INTERPRET=1), ``cpp`` (CPU tensors),
-``reference``. ``cuda`` and ``cpp`` call the same ops
-(csrc/spacetime_ops.cpp), dispatched by device; they return (out, lse) and the backward recomputes the
-probabilities from lse. The bias gradient is reduced in a fixed order on both (bit-identical across runs).
+T <= 128), ``triton`` (CUDA tensors, fp32/fp16/bf16, D <= 256; temporal T <= 64; on CPU under
+TRITON_INTERPRET=1), ``cpp`` (CPU tensors), ``reference``. ``cuda`` and ``cpp`` call the same ops
+(csrc/spacetime_ops.cpp), dispatched by device; ``triton`` calls the ``*_triton`` ops of the same signatures
+(triton_kernels.py). All return (out, lse) and the backward recomputes the probabilities from lse. The bias
+gradient is reduced in a fixed order and the spatial backward uses no atomics (bit-identical across runs).
 """
 
 from __future__ import annotations
@@ -61,13 +62,21 @@ def _cuda_temporal_reasons(q, **inputs):
     return why
 
 
-def _triton_temporal_reasons(q, **_):
+def _triton_reasons(q, **_):
     why = _backend.triton_reasons(q.device) + _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
-    T, D = q.shape[1], q.shape[-1]
-    if T > triton_kernels.MAX_FRAMES:
-        why.append(f"T={T} frames > {triton_kernels.MAX_FRAMES} (the T x T tile lives in registers)")
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not why:
+        why.append("dtype=bfloat16 on cpu: bfloat16 tl.dot is wrong in the Triton interpreter")
+    D = q.shape[-1]
     if D > triton_kernels.MAX_HEAD_DIM:
         why.append(f"head dim D={D} > {triton_kernels.MAX_HEAD_DIM}")
+    return why
+
+
+def _triton_temporal_reasons(q, **inputs):
+    why = _triton_reasons(q, **inputs)
+    T = q.shape[1]
+    if T > triton_kernels.MAX_FRAMES:
+        why.append(f"T={T} frames > {triton_kernels.MAX_FRAMES} (the T x T tile lives in registers)")
     return why
 
 
@@ -78,6 +87,7 @@ def _reference_reasons(q, **_):
 _backend.register("temporal_attention", "cuda", _cuda_temporal_reasons)
 _backend.register("temporal_attention", "triton", _triton_temporal_reasons)
 _backend.register("spatial_attention", "cuda", _cuda_reasons)
+_backend.register("spatial_attention", "triton", _triton_reasons)
 for _op in ("temporal_attention", "spatial_attention"):
     _backend.register(_op, "cpp", _cpp_reasons)
     _backend.register(_op, "reference", _reference_reasons)
@@ -125,13 +135,6 @@ def _make_temporal_backward(bwd_op):
     return backward
 
 
-def _register_temporal(fwd_name: str, bwd_name: str) -> None:
-    torch.library.register_fake(fwd_name)(_temporal_fwd_fake)
-    torch.library.register_fake(bwd_name)(_temporal_bwd_fake)
-    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
-    torch.library.register_autograd(fwd_name, _make_temporal_backward(bwd_op), setup_context=_temporal_setup)
-
-
 def _spatial_fwd_fake(q, k, v, scale):
     return _outputs_like(q)
 
@@ -147,22 +150,41 @@ def _spatial_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
 
 
-def _spatial_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.torchnova.spatial_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+def _make_spatial_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    return backward
+
+
+_FWD_BWD_REGISTRATION = {  # op family: (forward fake, backward fake, make_backward(bwd_op), setup_context)
+    "temporal": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
+    "spatial": (_spatial_fwd_fake, _spatial_bwd_fake, _make_spatial_backward, _spatial_setup),
+}
+
+
+def _register(family: str, fwd_name: str, bwd_name: str) -> None:
+    """Fake kernels for a (forward, backward) op pair and the forward's autograd, which calls the backward op."""
+    fwd_fake, bwd_fake, make_backward, setup_context = _FWD_BWD_REGISTRATION[family]
+    torch.library.register_fake(fwd_name)(fwd_fake)
+    torch.library.register_fake(bwd_name)(bwd_fake)
+    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
+    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
 
 
 if _ext.HAS_CPP:
-    _register_temporal("torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
-    torch.library.register_fake("torchnova::spatial_attention_fwd")(_spatial_fwd_fake)
-    torch.library.register_fake("torchnova::spatial_attention_bwd")(_spatial_bwd_fake)
-    torch.library.register_autograd("torchnova::spatial_attention_fwd", _spatial_backward, setup_context=_spatial_setup)
+    _register("temporal", "torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
+    _register("spatial", "torchnova::spatial_attention_fwd", "torchnova::spatial_attention_bwd")
 
 if triton_kernels.HAS_TRITON:
     define_triton_op("torchnova::temporal_attention_fwd_triton", triton_kernels.temporal_attention_fwd_triton)
     define_triton_op("torchnova::temporal_attention_bwd_triton", triton_kernels.temporal_attention_bwd_triton)
-    _register_temporal("torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
+    _register("temporal", "torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
+    define_triton_op("torchnova::spatial_attention_fwd_triton", triton_kernels.spatial_attention_fwd_triton)
+    define_triton_op("torchnova::spatial_attention_bwd_triton", triton_kernels.spatial_attention_bwd_triton)
+    _register("spatial", "torchnova::spatial_attention_fwd_triton", "torchnova::spatial_attention_bwd_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,7 +271,7 @@ def temporal_attention(
             image-video training: video frames share an id, every appended image has its own).
         causal: keys after the query are invisible. Combines with segment_ids; the diagonal stays visible.
         scale: score scale, default D ** -0.5.
-        backend: "auto", "cuda", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+        backend: "auto", "cuda", "triton", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
 
     Returns:
         (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
@@ -275,14 +297,22 @@ def spatial_attention(
     """Attention among the S tokens of every (batch, frame, head) of (B, T, S, H, D) tensors (no mask).
 
     Args:
-        q, k, v: (B, T, S, H, D), same dtype and device; any strides.
+        q, k, v: (B, T, S, H, D), same dtype and device; any strides (read through them, e.g. slices of one
+            fused qkv projection; only a last dim that is not contiguous is copied).
         scale: score scale, default D ** -0.5.
-        backend: "auto", "cuda", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
+        backend: "auto", "cuda" (FlashAttention-2-style CUDA kernels), "triton" (FlashAttention-2 in Triton:
+            CUDA tensors, fp32/fp16/bf16, D <= 256; deterministic backward), "cpp" or "reference"
+            (``TORCHNOVA_BACKEND`` overrides "auto"). "auto" takes the first of these that can run.
+
+    Returns:
+        (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
     """
     scale = _validate_qkv("spatial_attention", q, k, v, scale)
     name = _backend.select("spatial_attention", backend, q=q, k=k, v=v)
     if name == "reference":
         return spatial_attention_ref(q, k, v, scale=scale)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    out, _ = torch.ops.torchnova.spatial_attention_fwd(q, k, v, scale)
+    ops = torch.ops.torchnova
+    fwd = ops.spatial_attention_fwd_triton if name == "triton" else ops.spatial_attention_fwd
+    out, _ = fwd(q, k, v, scale)
     return out

@@ -1,5 +1,6 @@
-"""Triton kernels of temporal attention: a huge batch of tiny (T x T) problems, one tile on chip per problem.
+"""Triton kernels of factorized space-time attention: temporal and spatial, forward and backward.
 
+Temporal attention: a huge batch of tiny (T x T) problems, one tile on chip per problem.
 Layout (B, T, S, H, D); one problem per (b, s, h), a sequence over the T frames:
     s_ij = scale · q_i·k_j + bias[h, i, j]   (fp32)
     visible(i, j) = seg[b,i] == seg[b,j] and (not causal or j <= i)
@@ -15,12 +16,37 @@ dim), so dbias is deterministic. The problem count sits on grid dim 1 (up to 65,
 so 70,000+ problems per launch are fine.
 Padding: T_PAD, D_PAD >= 16 (tl.dot's minimum) and powers of two; padded rows see only their own (zero) key, so
 no row is empty and no NaN appears; padded rows and columns are never stored.
-fp32 inputs use IEEE fp32 dots (input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32 accumulation.
+
+Spatial attention: FlashAttention-2 over the S tokens of a frame.
+Layout (B, T, S, H, D); one problem per (b, t, h), a sequence over the S tokens of frame t, no mask, no bias:
+    s_ij = scale · q_i·k_j   (fp32),   lse_i = log Σ_j exp(s_ij),   P = exp(s − lse),   out = P V
+backward (P recomputed from lse, delta_i = dO_i·O_i): dV = Pᵀ dO, dS = P ∘ (dO Vᵀ − delta), dQ = scale · dS K,
+dK = scale · dSᵀ Q.
+Forward: program (query block, problem) keeps its BLOCK_M x D_PAD query tile and walks the key blocks with the
+online softmax in base 2 (scores times scale·log2(e), exp2; running max m and sum l in fp32, the accumulator
+rescaled by exp2(m_old − m_new)); it writes out and lse = ln2 · (m + log2 l) (natural log, as the C++ ops).
+Backward: two kernels, no atomics, so dq, dk, dv are bit-identical across runs (FA2 tutorial's "two kernels"):
+  1. dQ: program (query block, problem) computes delta for its rows from dO and O (it loads dO anyway) and stores
+     it, then walks the key blocks recomputing P from lse and accumulates dQ in registers.
+  2. dK/dV: program (key block, problem) keeps its k, v tiles and the dk, dv accumulators in registers and walks
+     the query blocks (reading lse and the delta written by 1).
+Grid (spatial_grid): (row blocks, problems) while B·T·H <= 65,535, CUDA's limit on grid axes 1 and 2; above
+that the problems go to axis 0 (up to 2^31 − 1) and the row blocks to axis 1, so any B·T·H works.
+Block sizes (spatial_config): a table per kernel and D_PAD for fp16/bf16, the owned block halved for fp32, each
+block shrunk to next_pow2(S) (>= 16) and capped by SPATIAL_MAX_BLOCK (tests lower it to get several query and
+key blocks on tiny inputs). Not tuned on a GPU yet.
+Padding: D_PAD = next_pow2(max(D, 16)); rows past S and columns past D load as zeros; keys past S get a −inf
+score (forward) or P = 0 (backward). A padded query row sees only real keys, so it stays finite; it is never
+stored. q, k, v are read through their own (sb, st, ss, sh) strides (stride(-1) == 1), never copied; out, lse,
+dq, dk, dv are contiguous. Problem and token offsets are int64.
+
+Both: fp32 inputs use IEEE fp32 dots (input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32
+accumulation.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,11 +62,21 @@ except ImportError:  # pragma: no cover
     triton = tl = None
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "temporal_attention_fwd_triton", "temporal_attention_bwd_triton", "BLOCK_P"]
+__all__ = [
+    "HAS_TRITON", "temporal_attention_fwd_triton", "temporal_attention_bwd_triton", "BLOCK_P",
+    "spatial_attention_fwd_triton", "spatial_attention_bwd_triton", "spatial_grid", "spatial_config",
+]  # fmt: skip
 
 BLOCK_P = 16  # problems per program (module-level so tests can shrink it to exercise several chunks)
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 256
+# Spatial: cap on every block size (module-level so tests can shrink it to 16 and get several query and key
+# blocks on tiny inputs), and CUDA's limit on grid axes 1 and 2 (module-level so tests can lower it and run the
+# folded grid without 65,536 problems).
+SPATIAL_MAX_BLOCK = 128
+MAX_GRID_YZ = 65_535
+_MAX_GRID_X = 2**31 - 1
+_LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
 
@@ -271,3 +307,274 @@ def temporal_attention_bwd_triton(
     else:
         dbias = torch.empty((0,), device=q.device, dtype=acc)
     return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spatial attention (FlashAttention-2)
+# ---------------------------------------------------------------------------------------------------------
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b in fp32: IEEE fp32 FMAs for fp32 operands, tensor cores (fp32 accumulation) for fp16/bf16."""
+        if IEEE:
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
+
+    @triton.jit
+    def _spatial_problem(
+        q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0: tl.constexpr
+    ):  # fmt: skip
+        """This program's row block, and problem (b, t, h) = (b·T + t)·H + h as pointers to its token 0 in q, k, v
+        plus the int64 offset of its token 0 in a contiguous (B, T, S, H) tensor (lse, delta; token s is H further
+        per s, and the same token of a contiguous (B, T, S, H, D) tensor sits at D times that). See spatial_grid."""
+        if PROBLEMS_ON_AXIS0:
+            problem = tl.program_id(0).to(tl.int64)
+            block = tl.program_id(1)
+        else:
+            block = tl.program_id(0)
+            problem = tl.program_id(1).to(tl.int64)
+        b = problem // (T * H)
+        t = (problem // H) % T
+        h = problem % H
+        q_base = q_ptr + b * qsb + t * qst + h * qsh
+        k_base = k_ptr + b * ksb + t * kst + h * ksh
+        v_base = v_ptr + b * vsb + t * vst + h * vsh
+        return block, q_base, k_base, v_base, (problem // H) * S * H + h
+
+    @triton.jit
+    def _rows_tile(rows, stride, S, D, D_PAD: tl.constexpr):
+        """Offsets (int64) and in-bounds mask of the (len(rows), D_PAD) tile of tokens ``rows``."""
+        cols = tl.arange(0, D_PAD)
+        offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
+        return offs, (rows[:, None] < S) & (cols[None, :] < D)
+
+    @triton.jit
+    def _load_rows(base_ptr, rows, stride, S, D, D_PAD: tl.constexpr):
+        offs, mask = _rows_tile(rows, stride, S, D, D_PAD)
+        return tl.load(base_ptr + offs, mask=mask, other=0.0)
+
+    @triton.jit
+    def _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD: tl.constexpr):
+        return _load_rows(k_base, keys, kss, S, D, D_PAD), _load_rows(v_base, keys, vss, S, D, D_PAD)
+
+    @triton.jit
+    def _load_lse2(lse_ptr, stat_offs, rows, S):
+        """lse · log2(e) of the query rows (0 past S): P = exp2(score · scale · log2(e) − lse2)."""
+        return tl.load(lse_ptr + stat_offs, mask=rows < S, other=0.0) * 1.4426950408889634
+
+    @triton.jit
+    def _store_rows(base_ptr, rows, stride, tile, S, D, D_PAD: tl.constexpr):
+        offs, mask = _rows_tile(rows, stride, S, D, D_PAD)
+        tl.store(base_ptr + offs, tile.to(base_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _spatial_fwd_kernel(
+        q_ptr, k_ptr, v_ptr,  # (B, T, S, H, D), each with its own strides (sb, st, ss, sh) and stride(-1) == 1
+        qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+        out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        lse_ptr,  # (B, T, S, H) fp32 contiguous, natural log
+        T, S, H, D,
+        qk_scale,  # scale · log2(e): scores in base 2
+        PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, rows, qss, S, D, D_PAD)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max of the base-2 scores
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running Σ exp2(score − m_i)
+        acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        for start in range(0, S, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
+            scores = _dot(q, tl.trans(k), IEEE) * qk_scale
+            scores = tl.where(keys[None, :] < S, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))  # finite: every key block has a real key
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)  # 0 on the first block (m_i = -inf)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        _store_rows(out_ptr + stat * D, rows, H * D, acc, S, D, D_PAD)
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # ln 2: back to the natural log
+        tl.store(lse_ptr + stat + rows.to(tl.int64) * H, lse, mask=rows < S)
+
+    @triton.jit
+    def _spatial_bwd_dq_kernel(
+        q_ptr, k_ptr, v_ptr,  # (B, T, S, H, D) strided, stride(-1) == 1
+        qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+        grad_out_ptr, out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        lse_ptr,  # (B, T, S, H) fp32 contiguous, natural log
+        delta_ptr,  # (B, T, S, H) fp32 contiguous, written here: delta_i = dO_i·O_i
+        dq_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        T, S, H, D, scale,
+        qk_scale,  # scale · log2(e)
+        PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, rows, qss, S, D, D_PAD)
+        do = _load_rows(grad_out_ptr + stat * D, rows, H * D, S, D, D_PAD)
+        o = _load_rows(out_ptr + stat * D, rows, H * D, S, D, D_PAD)
+        stat_offs = stat + rows.to(tl.int64) * H
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        tl.store(delta_ptr + stat_offs, delta, mask=rows < S)
+        lse2 = _load_lse2(lse_ptr, stat_offs, rows, S)
+        dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+        for start in range(0, S, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
+            # Masked before exp2: a padded (zero) key scores 0, and exp2(0 − lse2) could overflow to inf.
+            exponent = _dot(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None]
+            p = tl.exp2(tl.where(keys[None, :] < S, exponent, float("-inf")))
+            dp = _dot(do, tl.trans(v), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+        _store_rows(dq_ptr + stat * D, rows, H * D, dq * scale, S, D, D_PAD)
+
+    @triton.jit
+    def _spatial_bwd_dkdv_kernel(
+        q_ptr, k_ptr, v_ptr,  # (B, T, S, H, D) strided, stride(-1) == 1
+        qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
+        grad_out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        lse_ptr, delta_ptr,  # (B, T, S, H) fp32 contiguous
+        dk_ptr, dv_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        T, S, H, D, scale,
+        qk_scale,  # scale · log2(e)
+        PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        block, q_base, k_base, v_base, stat = _spatial_problem(
+            q_ptr, k_ptr, v_ptr, qsb, qst, qsh, ksb, kst, ksh, vsb, vst, vsh, T, S, H, PROBLEMS_ON_AXIS0
+        )  # fmt: skip
+        keys = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, keys, kss, vss, S, D, D_PAD)
+        dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+        for start in range(0, S, BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, rows, qss, S, D, D_PAD)
+            do = _load_rows(grad_out_ptr + stat * D, rows, H * D, S, D, D_PAD)
+            stat_offs = stat + rows.to(tl.int64) * H
+            lse2 = _load_lse2(lse_ptr, stat_offs, rows, S)
+            delta = tl.load(delta_ptr + stat_offs, mask=rows < S, other=0.0)
+            exponent = _dot(k, tl.trans(q), IEEE) * qk_scale - lse2[None, :]  # Pᵀ: (keys, queries)
+            p_t = tl.exp2(tl.where((keys[:, None] < S) & (rows[None, :] < S), exponent, float("-inf")))
+            dv += _dot(p_t.to(do.dtype), do, IEEE)
+            ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _dot(ds_t.to(q.dtype), q, IEEE)
+        _store_rows(dk_ptr + stat * D, keys, H * D, dk * scale, S, D, D_PAD)
+        _store_rows(dv_ptr + stat * D, keys, H * D, dv, S, D, D_PAD)
+
+
+class SpatialConfig(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    d_pad: int
+    num_warps: int
+    num_stages: int
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and D_PAD (<= 64, 128, 256) for fp16/bf16, written for
+# A100/H100 from the FA2 Triton tutorial's sizes with the register budget in mind (the owned tile and its fp32
+# accumulator stay in registers; the walked tiles are pipelined through shared memory); not tuned on a GPU yet.
+# fwd and dq own BLOCK_M query rows and walk BLOCK_N keys; dkdv owns BLOCK_N keys and walks BLOCK_M queries.
+_SPATIAL_CONFIGS = {
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
+    "dq": {64: (128, 32, 4, 3), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 2), 256: (16, 64, 8, 2)},
+}
+
+
+def spatial_config(kernel: str, S: int, D: int, dtype: torch.dtype) -> SpatialConfig:
+    """Block sizes and launch options of a spatial kernel ("fwd", "dq" or "dkdv") for S tokens of head dim D."""
+    d_pad = next_pow2(max(D, 16))
+    block_m, block_n, num_warps, num_stages = _SPATIAL_CONFIGS[kernel][max(64, d_pad)]
+    if dtype == torch.float32:  # IEEE fp32 dots: twice the registers per element, half the owned tile
+        if kernel == "dkdv":
+            block_n //= 2
+        else:
+            block_m //= 2
+    fit = min(SPATIAL_MAX_BLOCK, max(16, next_pow2(S)))  # tl.dot needs >= 16
+    block_m, block_n = max(16, min(block_m, fit)), max(16, min(block_n, fit))
+    if block_m * block_n <= 32 * 32:  # a small tile does not need 8 warps
+        num_warps = min(num_warps, 4)
+    return SpatialConfig(block_m, block_n, d_pad, num_warps, num_stages)
+
+
+def spatial_grid(blocks: int, problems: int) -> Tuple[Tuple[int, int], bool]:
+    """Launch grid of a spatial kernel with ``blocks`` row blocks per problem and ``problems`` = B·T·H problems,
+    and whether the problems sit on axis 0. CUDA allows 2^31 − 1 programs on grid axis 0 but only 65,535 on
+    axes 1 and 2: the problems stay on axis 1 (consecutive programs share a problem's k, v in L2) while they
+    fit, and move to axis 0 otherwise."""
+    if problems <= MAX_GRID_YZ and blocks <= _MAX_GRID_X:
+        return (blocks, problems), False
+    if blocks <= MAX_GRID_YZ and problems <= _MAX_GRID_X:
+        return (problems, blocks), True
+    raise ValueError(
+        f"spatial_attention triton backend: {problems} problems of {blocks} row blocks do not fit a CUDA grid"
+    )
+
+
+def _check_spatial(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("spatial_attention triton backend: triton is not importable")
+    if q.shape[4] > MAX_HEAD_DIM:
+        raise ValueError(f"spatial_attention triton backend: needs D <= {MAX_HEAD_DIM}, got D={q.shape[4]}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"spatial_attention triton backend: {name} needs stride(-1) == 1, got {x.stride()}")
+
+
+def _launch_spatial(kernel, name: str, q: Tensor, k: Tensor, v: Tensor, *tensors: Tensor, scale: float) -> None:
+    """Launch the spatial kernel ``name`` ("fwd", "dq", "dkdv"): its arguments are q, k, v and their strides,
+    ``tensors``, T, S, H, D, the scale (backward only) and scale·log2(e), then the constexprs."""
+    B, T, S, H, D = q.shape
+    cfg = spatial_config(name, S, D, q.dtype)
+    owned = cfg.block_n if name == "dkdv" else cfg.block_m
+    grid, problems_on_axis0 = spatial_grid(triton.cdiv(S, owned), B * T * H)
+    scales = (scale * _LOG2E,) if name == "fwd" else (scale, scale * _LOG2E)
+    launch_triton(
+        kernel, grid,
+        q, k, v, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *tensors, T, S, H, D, *scales,
+        PROBLEMS_ON_AXIS0=problems_on_axis0, IEEE=q.dtype == torch.float32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D_PAD=cfg.d_pad,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def spatial_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    _check_spatial(q, k, v)
+    B, T, S, H, D = q.shape
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, T, S, H), device=q.device, dtype=accumulation_dtype(q.dtype))
+    if q.numel() == 0:
+        return out, lse
+    _launch_spatial(_spatial_fwd_kernel, "fwd", q, k, v, out, lse, scale=scale)
+    return out, lse
+
+
+def spatial_attention_bwd_triton(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_spatial(q, k, v)
+    B, T, S, H, D = q.shape
+    grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    if q.numel() == 0:
+        return dq, dk, dv
+    delta = torch.empty((B, T, S, H), device=q.device, dtype=torch.float32)
+    # dq first: it writes delta, which the dk/dv kernel reads (same stream, so ordered).
+    _launch_spatial(_spatial_bwd_dq_kernel, "dq", q, k, v, grad_out, out, lse, delta, dq, scale=scale)
+    _launch_spatial(_spatial_bwd_dkdv_kernel, "dkdv", q, k, v, grad_out, lse, delta, dk, dv, scale=scale)
+    return dq, dk, dv
