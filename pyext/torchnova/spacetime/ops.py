@@ -5,9 +5,9 @@
 
 Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
 read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
-``reference.py``. Backends, fastest first: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
-T <= 128), ``triton`` (CUDA tensors, fp32/fp16/bf16, D <= 256; temporal T <= 64; on CPU under
-TRITON_INTERPRET=1), ``cpp`` (CPU tensors), ``reference``. ``cuda`` and ``cpp`` call the same ops
+``reference.py``. Backends in "auto" order: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
+T <= 128), ``cpp`` (CPU tensors), ``triton`` (CUDA tensors, fp32/fp16/bf16, D <= 256; temporal T <= 64; on CPU
+only under TRITON_INTERPRET=1, for tests), ``reference``. ``cuda`` and ``cpp`` call the same ops
 (csrc/spacetime_ops.cpp), dispatched by device; ``triton`` calls the ``*_triton`` ops of the same signatures
 (triton_kernels.py). All return (out, lse) and the backward recomputes the probabilities from lse. The bias
 gradient is reduced in a fixed order and the spatial backward uses no atomics (bit-identical across runs).
@@ -84,12 +84,15 @@ def _reference_reasons(q, **_):
     return []
 
 
-_backend.register("temporal_attention", "cuda", _cuda_temporal_reasons)
-_backend.register("temporal_attention", "triton", _triton_temporal_reasons)
-_backend.register("spatial_attention", "cuda", _cuda_reasons)
-_backend.register("spatial_attention", "triton", _triton_reasons)
-for _op in ("temporal_attention", "spatial_attention"):
+# Priority for "auto": cpp comes before triton because cpp runs only on CPU tensors, where Triton could only run
+# in its (slow) interpreter; on a GPU the order is cuda, triton.
+for _op, _cuda, _triton in (
+    ("temporal_attention", _cuda_temporal_reasons, _triton_temporal_reasons),
+    ("spatial_attention", _cuda_reasons, _triton_reasons),
+):
+    _backend.register(_op, "cuda", _cuda)
     _backend.register(_op, "cpp", _cpp_reasons)
+    _backend.register(_op, "triton", _triton)
     _backend.register(_op, "reference", _reference_reasons)
 
 
