@@ -7,19 +7,31 @@
 //   backward: P_ij = exp(S_ij - lse_i), delta_i = dout_i.out_i, dS_ij = P_ij (dout_i.v_j - delta_i)
 //             dq_i = s sum_j dS_ij k_j,  dk_j = s sum_i dS_ij q_i,  dv_j = sum_i P_ij dout_i
 // q, k, v, out, dout: (B, L, H, D); lse (B, L, H) acc. Work is split over (b, h) (at::parallel_for) so the
-// dk/dv accumulation of one (b, h) is owned by one thread. Queries and keys are walked in blocks of 32 tokens
-// and key blocks for which block_may_see is false are skipped, so the cost follows the visible pairs.
+// dk/dv accumulation of one (b, h) is owned by one thread; each head's rows are staged contiguously in the
+// accumulation type (fp16/bf16 converted there). Queries and keys are walked in tiles of 32 x 32 tokens: the
+// visibility bits of every tile that block_may_see admits are computed once per call (key_visible per pair) and
+// tiles without a visible pair are dropped, so the cost follows the visible pairs; on each kept tile the
+// products are the register-blocked ones of tile_gemm.h (FlashAttention-2: online softmax in the forward, P
+// recomputed from lse in the backward), with the tile's bits applied as -inf unless all its pairs are visible.
 // Mix: a = sigmoid(alpha_logit) (hidden,); y = o_base on text rows, a o_base + (1 - a) o_plus on frame rows.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dual_channel_visibility.h"
+#include "cpu_dispatch.h"
+#include "cpu_math.h"
+#include "tile_gemm.h"
 
 namespace {
 
@@ -72,114 +84,237 @@ Layout check_and_layout(const at::Tensor& q, const at::Tensor& k, const at::Tens
                                               attention_id, int(window), shifted, stage_id);
 }
 
-// For every (query block, key block) pair: may any pair be visible (padding ignored here, applied per key).
-std::vector<std::vector<int>> visible_key_blocks(const Layout& layout, int length) {
+// Visibility of one (query block, key block) tile: bit j of rows[i] says key kb*kBlock + j is visible to query
+// qb*kBlock + i (text padding left out: it depends on b). Built once per call from key_visible; tiles without a
+// visible pair are dropped, so the kernels loop over visible tiles only.
+struct TileMask {
+  int key_block;
+  bool all_visible;  // every in-range pair visible: the kernels skip the per-element masking
+  uint32_t rows[kBlock];
+};
+
+std::vector<std::vector<TileMask>> visible_tiles(const Layout& layout, int length) {
   const int blocks = (length + kBlock - 1) / kBlock;
-  std::vector<std::vector<int>> lists(blocks);
-  for (int qb = 0; qb < blocks; ++qb)
-    for (int kb = 0; kb < blocks; ++kb)
-      if (block_may_see(layout, qb * kBlock, std::min(length, (qb + 1) * kBlock), kb * kBlock,
-                        std::min(length, (kb + 1) * kBlock)))
-        lists[qb].push_back(kb);
-  return lists;
+  std::vector<std::vector<TileMask>> tiles(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int qb = int(begin); qb < int(end); ++qb) {
+      const int q_lo = qb * kBlock, q_hi = std::min(length, q_lo + kBlock);
+      for (int kb = 0; kb < blocks; ++kb) {
+        const int k_lo = kb * kBlock, k_hi = std::min(length, k_lo + kBlock);
+        if (!block_may_see(layout, q_lo, q_hi, k_lo, k_hi)) continue;
+        TileMask tile{kb, true, {}};
+        const uint32_t full = k_hi - k_lo == 32 ? ~uint32_t(0) : (uint32_t(1) << (k_hi - k_lo)) - 1;
+        uint32_t any = 0;
+        for (int i = q_lo; i < q_hi; ++i) {
+          uint32_t bits = 0;
+          for (int j = k_lo; j < k_hi; ++j) bits |= uint32_t(key_visible(layout, i, j)) << (j - k_lo);
+          tile.rows[i - q_lo] = bits;
+          tile.all_visible = tile.all_visible && bits == full;
+          any |= bits;
+        }
+        if (any != 0) tiles[qb].push_back(tile);
+      }
+    }
+  });
+  return tiles;
 }
 
+// visible_tiles() costs one key_visible per pair of every admitted tile, as much as the attention itself at a
+// few heads; every layer of a model with the same layout (and each forward's backward) asks for the same tiles,
+// so they are kept in a small process-wide cache keyed by the layout.
+std::shared_ptr<const std::vector<std::vector<TileMask>>> cached_visible_tiles(const Layout& layout, int length) {
+  using Key = std::array<int, 10>;
+  static std::mutex mutex;
+  static std::map<Key, std::shared_ptr<const std::vector<std::vector<TileMask>>>> cache;
+  const Key key{layout.text_len, layout.frames, layout.grid_h, layout.grid_w, layout.window,
+                layout.shift,    layout.channel, layout.attention, layout.stage, length};
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto found = cache.find(key);
+    if (found != cache.end()) return found->second;
+  }
+  auto tiles = std::make_shared<const std::vector<std::vector<TileMask>>>(visible_tiles(layout, length));
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() >= 32) cache.clear();  // a model uses a handful of layouts; never grow without bound
+  cache.emplace(key, tiles);
+  return tiles;
+}
+
+// Bit j of word kb: key kb*kBlock + j of batch b exists (text_pad_mask), for every key block of a batch.
+std::vector<uint32_t> present_words(const bool* key_present, int64_t B, int64_t L) {
+  const int64_t blocks = (L + kBlock - 1) / kBlock;
+  std::vector<uint32_t> words(B * blocks, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < L; ++j) words[b * blocks + j / kBlock] |= uint32_t(key_present[b * L + j]) << (j % kBlock);
+  }
+  return words;
+}
+
+// scores[r * ld + j] = -inf where the tile (and text padding) hides key j from row r.
 template <typename acc_t>
-void attention_fwd_kernel(const Layout& layout, const acc_t* q,      // (B, L, H, D) contiguous
-                          const acc_t* k, const acc_t* v,            // (B, L, H, D) contiguous
-                          const bool* key_present,                   // (B, L): key exists (text padding)
-                          acc_t* out,                                // (B, L, H, D)
-                          acc_t* lse,                                // (B, L, H)
+TORCHNOVA_INLINE void mask_tile(const TileMask& tile, uint32_t present, int64_t rows, int64_t cols, acc_t* scores,
+                                int64_t ld) {
+  const uint32_t full = cols == 32 ? ~uint32_t(0) : (uint32_t(1) << cols) - 1;
+  if (tile.all_visible && (present & full) == full) return;
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t bits = tile.rows[r] & present;
+    acc_t* row = scores + r * ld;
+    for (int64_t j = 0; j < cols; ++j) row[j] = (bits >> j) & 1u ? row[j] : neg_inf;
+  }
+}
+
+// The L rows of (b, h) of a contiguous (B, L, H, D) tensor, staged contiguously (row stride D) in acc_t.
+template <typename scalar_t, typename acc_t>
+TORCHNOVA_INLINE void stage_head(const scalar_t* x, int64_t b, int64_t h, int64_t L, int64_t H, int64_t D,
+                                 acc_t* dst) {
+  for (int64_t i = 0; i < L; ++i) torchnova::cpu::convert_row(x + ((b * L + i) * H + h) * D, D, dst + i * D);
+}
+
+// Forward per (b, h), FlashAttention-2 over the visible tiles: for each query block, online softmax over its
+// visible key blocks (scores = scale Q K^T masked per tile, running max/sum, O rescaled when the max grows).
+template <typename scalar_t, typename acc_t>
+void attention_fwd_kernel(const Layout& layout, const scalar_t* q,  // (B, L, H, D) contiguous
+                          const scalar_t* k, const scalar_t* v,     // (B, L, H, D) contiguous
+                          const bool* key_present,                  // (B, L): key exists (text padding)
+                          scalar_t* out,                            // (B, L, H, D)
+                          acc_t* lse,                               // (B, L, H)
                           int64_t B, int64_t L, int64_t H, int64_t D) {
+  namespace cpu = torchnova::cpu;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(D));
-  const auto lists = visible_key_blocks(layout, int(L));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(D);
+  const auto tiles_ptr = cached_visible_tiles(layout, int(L));
+  const auto& tiles = *tiles_ptr;
+  const auto present = present_words(key_present, B, L);
+  const int64_t blocks = (L + kBlock - 1) / kBlock, ldk = cpu::transposed_ld<acc_t>(L);
+  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
+    std::vector<acc_t> qb(L * D), kb(L * D), vb(L * D), kt(D * ldk), ob(kBlock * D), scores(kBlock * kBlock),
+        row_max(kBlock), row_sum(kBlock);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const bool* present = key_present + b * L;
-      for (int64_t i = 0; i < L; ++i) {
-        const acc_t* qi = q + ((b * L + i) * H + h) * D;
-        acc_t row_max = -std::numeric_limits<acc_t>::infinity(), row_sum = 0;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int kb : lists[i / kBlock]) {
-          const int64_t j_end = std::min<int64_t>(L, int64_t(kb + 1) * kBlock);
-          for (int64_t j = int64_t(kb) * kBlock; j < j_end; ++j) {
-            if (!present[j] || !key_visible(layout, int(i), int(j))) continue;
-            const acc_t* kj = k + ((b * L + j) * H + h) * D;
-            acc_t dot = 0;
-            for (int64_t d = 0; d < D; ++d) dot += qi[d] * kj[d];
-            const acc_t score = dot * scale;
-            if (score > row_max) {
-              const acc_t correction = std::exp(row_max - score);
-              row_sum *= correction;
-              for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-              row_max = score;
+      stage_head(q, b, h, L, H, D, qb.data());
+      stage_head(k, b, h, L, H, D, kb.data());
+      stage_head(v, b, h, L, H, D, vb.data());
+      cpu::transpose(kb.data(), D, L, D, kt.data(), ldk);
+      for (int64_t qblock = 0; qblock < blocks; ++qblock) {
+        const int64_t m0 = qblock * kBlock, rows = std::min<int64_t>(kBlock, L - m0);
+        std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<acc_t>::infinity());
+        std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
+        std::fill(ob.begin(), ob.end(), acc_t(0));
+        for (const TileMask& tile : tiles[qblock]) {
+          const int64_t n0 = int64_t(tile.key_block) * kBlock, cols = std::min<int64_t>(kBlock, L - n0);
+          cpu::gemm(rows, cols, D, qb.data() + m0 * D, D, kt.data() + n0, ldk, scores.data(), kBlock, scale);
+          mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, scores.data(), kBlock);
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t* row = scores.data() + r * kBlock;
+            acc_t block_max = row_max[r];
+#pragma omp simd reduction(max : block_max)
+            for (int64_t j = 0; j < cols; ++j) block_max = row[j] > block_max ? row[j] : block_max;
+            if (block_max == -std::numeric_limits<acc_t>::infinity()) {  // nothing visible yet in this row
+              std::fill(row, row + cols, acc_t(0));
+              continue;
             }
-            const acc_t p = std::exp(score - row_max);
-            row_sum += p;
-            const acc_t* vj = v + ((b * L + j) * H + h) * D;
-            for (int64_t d = 0; d < D; ++d) acc[d] += p * vj[d];
+            acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < cols; ++j) {
+              row[j] = cpu::exp_nonpositive(row[j] - block_max);
+              sum += row[j];
+            }
+            const acc_t rescale = cpu::exp_nonpositive(row_max[r] - block_max);  // 0 while the row was empty
+            if (rescale != acc_t(1)) {
+              acc_t* o = ob.data() + r * D;
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
+            }
+            row_sum[r] = row_sum[r] * rescale + sum;
+            row_max[r] = block_max;
           }
+          cpu::gemm(rows, D, cols, scores.data(), kBlock, vb.data() + n0 * D, D, ob.data(), D, acc_t(1),
+                    /*accumulate=*/true);
         }
-        acc_t* oi = out + ((b * L + i) * H + h) * D;
-        if (row_sum > 0) {
-          for (int64_t d = 0; d < D; ++d) oi[d] = acc[d] / row_sum;
-          lse[(b * L + i) * H + h] = row_max + std::log(row_sum);
-        } else {
-          for (int64_t d = 0; d < D; ++d) oi[d] = 0;
-          lse[(b * L + i) * H + h] = std::numeric_limits<acc_t>::infinity();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row_index = (b * L + m0 + r) * H + h;
+          scalar_t* dst = out + row_index * D;
+          const bool empty = row_sum[r] == acc_t(0);  // no visible key: out = 0, lse = +inf
+          const acc_t inv = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(ob[r * D + d] * inv);
+          lse[row_index] = empty ? std::numeric_limits<acc_t>::infinity() : row_max[r] + std::log(row_sum[r]);
         }
       }
     }
   });
 }
 
-template <typename acc_t>
-void attention_bwd_kernel(const Layout& layout, const acc_t* dout,  // (B, L, H, D)
-                          const acc_t* q, const acc_t* k, const acc_t* v, const acc_t* out,  // (B, L, H, D)
-                          const acc_t* lse,                                                  // (B, L, H)
-                          const bool* key_present,                                           // (B, L)
-                          acc_t* dq, acc_t* dk, acc_t* dv,  // (B, L, H, D), zero-initialised
+// Backward per (b, h) (one thread owns the dk/dv of a head), P recomputed from lse over the same visible tiles:
+// dS = P o (dO V^T - delta), dV += P^T dO, dK += scale dS^T Q, dQ += dS K. Rows with lse = +inf get P = 0.
+template <typename scalar_t, typename acc_t>
+void attention_bwd_kernel(const Layout& layout, const scalar_t* dout,  // (B, L, H, D)
+                          const scalar_t* q, const scalar_t* k, const scalar_t* v, const scalar_t* out,
+                          const acc_t* lse,          // (B, L, H)
+                          const bool* key_present,   // (B, L)
+                          scalar_t* dq, scalar_t* dk, scalar_t* dv,  // (B, L, H, D)
                           int64_t B, int64_t L, int64_t H, int64_t D) {
+  namespace cpu = torchnova::cpu;
   const acc_t scale = acc_t(1) / std::sqrt(acc_t(D));
-  const auto lists = visible_key_blocks(layout, int(L));
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  const auto tiles_ptr = cached_visible_tiles(layout, int(L));
+  const auto& tiles = *tiles_ptr;
+  const auto present = present_words(key_present, B, L);
+  const int64_t blocks = (L + kBlock - 1) / kBlock, ldk = cpu::transposed_ld<acc_t>(L);
+  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
+    std::vector<acc_t> qb(L * D), kb(L * D), vb(L * D), gb(L * D), ob(L * D), kt(D * ldk), vt(D * ldk), dkb(L * D),
+        dvb(L * D), dqb(kBlock * D), probs(kBlock * kBlock), dscores(kBlock * kBlock), delta(kBlock),
+        row_lse(kBlock);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
-      const bool* present = key_present + b * L;
-      for (int64_t i = 0; i < L; ++i) {
-        const int64_t row = (b * L + i) * H + h;
-        const acc_t row_lse = lse[row];
-        if (std::isinf(row_lse)) continue;  // no visible key: P = 0, no gradient
-        const acc_t* qi = q + row * D;
-        const acc_t* doi = dout + row * D;
-        const acc_t* oi = out + row * D;
-        acc_t delta = 0;
-        for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
-        acc_t* dqi = dq + row * D;
-        for (int kb : lists[i / kBlock]) {
-          const int64_t j_end = std::min<int64_t>(L, int64_t(kb + 1) * kBlock);
-          for (int64_t j = int64_t(kb) * kBlock; j < j_end; ++j) {
-            if (!present[j] || !key_visible(layout, int(i), int(j))) continue;
-            const int64_t key_row = (b * L + j) * H + h;
-            const acc_t* kj = k + key_row * D;
-            const acc_t* vj = v + key_row * D;
-            acc_t dot = 0, dp = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              dot += qi[d] * kj[d];
-              dp += doi[d] * vj[d];
-            }
-            const acc_t p = std::exp(dot * scale - row_lse);
-            const acc_t ds = p * (dp - delta) * scale;
-            acc_t* dkj = dk + key_row * D;
-            acc_t* dvj = dv + key_row * D;
-            for (int64_t d = 0; d < D; ++d) {
-              dqi[d] += ds * kj[d];
-              dkj[d] += ds * qi[d];
-              dvj[d] += p * doi[d];
+      stage_head(q, b, h, L, H, D, qb.data());
+      stage_head(k, b, h, L, H, D, kb.data());
+      stage_head(v, b, h, L, H, D, vb.data());
+      stage_head(dout, b, h, L, H, D, gb.data());
+      stage_head(out, b, h, L, H, D, ob.data());
+      cpu::transpose(kb.data(), D, L, D, kt.data(), ldk);
+      cpu::transpose(vb.data(), D, L, D, vt.data(), ldk);
+      std::fill(dkb.begin(), dkb.end(), acc_t(0));
+      std::fill(dvb.begin(), dvb.end(), acc_t(0));
+      for (int64_t qblock = 0; qblock < blocks; ++qblock) {
+        const int64_t m0 = qblock * kBlock, rows = std::min<int64_t>(kBlock, L - m0);
+        const acc_t *q_rows = qb.data() + m0 * D, *g_rows = gb.data() + m0 * D;
+        for (int64_t r = 0; r < rows; ++r) {
+          acc_t sum = 0;
+          for (int64_t d = 0; d < D; ++d) sum += g_rows[r * D + d] * ob[(m0 + r) * D + d];
+          delta[r] = sum;  // rowsum(dO o O)
+          row_lse[r] = lse[(b * L + m0 + r) * H + h];
+        }
+        std::fill(dqb.begin(), dqb.end(), acc_t(0));
+        for (const TileMask& tile : tiles[qblock]) {
+          const int64_t n0 = int64_t(tile.key_block) * kBlock, cols = std::min<int64_t>(kBlock, L - n0);
+          cpu::gemm(rows, cols, D, q_rows, D, kt.data() + n0, ldk, probs.data(), kBlock, scale);  // scale Q K^T
+          mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, probs.data(), kBlock);
+          cpu::gemm(rows, cols, D, g_rows, D, vt.data() + n0, ldk, dscores.data(), kBlock);  // dP = dO V^T
+          for (int64_t r = 0; r < rows; ++r) {
+            acc_t *pr = probs.data() + r * kBlock, *ds = dscores.data() + r * kBlock;
+            const acc_t l = row_lse[r], dl = delta[r];
+#pragma omp simd
+            for (int64_t j = 0; j < cols; ++j) {
+              pr[j] = cpu::exp_nonpositive(pr[j] - l);  // masked (-inf) and empty rows (l = +inf) give 0
+              ds[j] = pr[j] * (ds[j] - dl);
             }
           }
+          cpu::gemm<acc_t, true>(cols, D, rows, probs.data(), kBlock, g_rows, D, dvb.data() + n0 * D, D, acc_t(1),
+                                 true);  // dV += P^T dO
+          cpu::gemm<acc_t, true>(cols, D, rows, dscores.data(), kBlock, q_rows, D, dkb.data() + n0 * D, D, scale,
+                                 true);  // dK += scale dS^T Q
+          cpu::gemm(rows, D, cols, dscores.data(), kBlock, kb.data() + n0 * D, D, dqb.data(), D, acc_t(1),
+                    true);  // dQ += dS K
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* dst = dq + ((b * L + m0 + r) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(scale * dqb[r * D + d]);
+        }
+      }
+      for (int64_t i = 0; i < L; ++i) {
+        const int64_t offset = ((b * L + i) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          dk[offset + d] = static_cast<scalar_t>(dkb[i * D + d]);
+          dv[offset + d] = static_cast<scalar_t>(dvb[i * D + d]);
         }
       }
     }
@@ -204,16 +339,18 @@ std::tuple<at::Tensor, at::Tensor> cogvideo_attention_fwd_cpu(
                                          std::string(stage));
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   const auto acc = acc_type(q.scalar_type());
-  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
-  auto out = at::empty({B, L, H, D}, qa.options());
-  auto lse = at::empty({B, L, H}, qa.options());
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  auto out = at::empty({B, L, H, D}, qc.options());
+  auto lse = at::empty({B, L, H}, qc.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
   auto present = key_present_tensor(text_pad_mask, B, L, text_len);
-  AT_DISPATCH_FLOATING_TYPES(acc, "cogvideo_attention_fwd_cpu", [&] {
-    attention_fwd_kernel<scalar_t>(layout, qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(), va.data_ptr<scalar_t>(),
-                                   present.data_ptr<bool>(), out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), B,
-                                   L, H, D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cogvideo_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attention_fwd_kernel<scalar_t, acc_t>(layout, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                          vc.data_ptr<scalar_t>(), present.data_ptr<bool>(), out.data_ptr<scalar_t>(),
+                                          lse.data_ptr<acc_t>(), B, L, H, D);
   });
-  return {out.to(q.scalar_type()), lse};
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cpu(
@@ -227,22 +364,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cpu(
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), D = q.size(3);
   TORCH_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
               "cogvideo_attention_bwd: grad_out and out must have q's shape ", q.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "cogvideo_attention_bwd: grad_out and out must have q's dtype ", q.scalar_type());
   const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == L && lse.size(2) == H &&
                   lse.scalar_type() == acc,
               "cogvideo_attention_bwd: lse must be (B, L, H) of the accumulation dtype, got ", lse.sizes());
-  auto qa = q.to(acc).contiguous(), ka = k.to(acc).contiguous(), va = v.to(acc).contiguous();
-  auto oa = out.to(acc).contiguous(), ga = grad_out.to(acc).contiguous(), la = lse.contiguous();
-  auto dq = at::zeros({B, L, H, D}, qa.options()), dk = at::zeros_like(dq), dv = at::zeros_like(dq);
+  const auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous(), oc = out.contiguous(),
+             gc = grad_out.contiguous(), lc = lse.contiguous();
+  auto dq = at::empty({B, L, H, D}, qc.options()), dk = at::empty_like(dq), dv = at::empty_like(dq);
+  if (q.numel() == 0) return {dq, dk, dv};
   auto present = key_present_tensor(text_pad_mask, B, L, text_len);
-  AT_DISPATCH_FLOATING_TYPES(acc, "cogvideo_attention_bwd_cpu", [&] {
-    attention_bwd_kernel<scalar_t>(layout, ga.data_ptr<scalar_t>(), qa.data_ptr<scalar_t>(), ka.data_ptr<scalar_t>(),
-                                   va.data_ptr<scalar_t>(), oa.data_ptr<scalar_t>(), la.data_ptr<scalar_t>(),
-                                   present.data_ptr<bool>(), dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
-                                   dv.data_ptr<scalar_t>(), B, L, H, D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "cogvideo_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    attention_bwd_kernel<scalar_t, acc_t>(layout, gc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(),
+                                          kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(), oc.data_ptr<scalar_t>(),
+                                          lc.data_ptr<acc_t>(), present.data_ptr<bool>(), dq.data_ptr<scalar_t>(),
+                                          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), B, L, H, D);
   });
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  return {dq, dk, dv};
 }
 
 void check_mix(const at::Tensor& o_base, const at::Tensor& o_plus, const at::Tensor& alpha_logit, int64_t text_len) {

@@ -135,11 +135,6 @@ void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optio
   }
 }
 
-template <typename acc_t>
-constexpr int64_t kVectorLanes = 32 / sizeof(acc_t);
-
-TORCHNOVA_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
-
 // Rows of one operand as the matrix products read them: row (t, h) of a temporal item at p + t*ld_t + h*ld_h,
 // row s of a spatial problem at p + s*ld_t. Every operand is first staged into a thread-local buffer in the
 // accumulation type (this converts fp16/bf16 too): reading the products' B operands in place would walk rows
@@ -154,19 +149,13 @@ struct Rows {
 // Row stride of a staged item: H*D plus one cache line, so the T frames do not share cache sets.
 TORCHNOVA_INLINE int64_t staged_ld(int64_t HD) { return HD + 16; }
 
-template <typename scalar_t, typename acc_t>
-TORCHNOVA_INLINE void convert_row(const scalar_t* src, int64_t n, acc_t* dst) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<acc_t>(src[d]);
-}
-
 // The T x H rows of temporal item (b, s): H*D contiguous elements per frame (when sh == D), S*H*D apart.
 template <typename acc_t, typename scalar_t>
 TORCHNOVA_INLINE Rows<const acc_t> item_rows(const View5<scalar_t>& x, int64_t b, int64_t s, int64_t T, int64_t H,
                                              int64_t D, acc_t* staging) {
   const int64_t ld = staged_ld(H * D);
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t h = 0; h < H; ++h) convert_row(x.row(b, t, s, h), D, staging + t * ld + h * D);
+    for (int64_t h = 0; h < H; ++h) cpu::convert_row(x.row(b, t, s, h), D, staging + t * ld + h * D);
   }
   return {staging, ld, D};
 }
@@ -247,7 +236,7 @@ template <typename scalar_t, typename acc_t>
 void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* bias,
                        const TemporalMask& mask, acc_t scale, at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
-  const int64_t Tp = round_up(T, kVectorLanes<acc_t>);
+  const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
   const View5<scalar_t> qv(q), kv(k), vv(v);
   scalar_t* out_p = out.data_ptr<scalar_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
@@ -281,7 +270,7 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
                        const at::Tensor& out, const at::Tensor& lse, const acc_t* bias, const TemporalMask& mask,
                        acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* dbias) {
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
-  const int64_t Tp = round_up(T, kVectorLanes<acc_t>);
+  const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
   const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
@@ -403,15 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
 template <typename acc_t, typename scalar_t>
 TORCHNOVA_INLINE Rows<const acc_t> problem_rows(const View5<scalar_t>& x, int64_t b, int64_t t, int64_t h, int64_t S,
                                                 int64_t D, acc_t* staging) {
-  for (int64_t s = 0; s < S; ++s) convert_row(x.row(b, t, s, h), D, staging + s * D);
+  for (int64_t s = 0; s < S; ++s) cpu::convert_row(x.row(b, t, s, h), D, staging + s * D);
   return {staging, D, 0};
-}
-
-// Leading dimension of a transposed (D, S) buffer: S rounded to whole vectors plus one vector, so that the D
-// rows do not all fall into the same cache sets when S is a power of two.
-template <typename acc_t>
-int64_t transposed_ld(int64_t S) {
-  return round_up(S, kVectorLanes<acc_t>) + kVectorLanes<acc_t>;
 }
 
 // FlashAttention-2 forward per problem: for each block of kSpatialQueryBlock queries, loop over blocks of
@@ -423,7 +405,7 @@ void spatial_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   const View5<scalar_t> qv(q), kv(k), vv(v);
   scalar_t* out_p = out.data_ptr<scalar_t>();
   acc_t* lse_p = lse.data_ptr<acc_t>();
-  const int64_t ldk = transposed_ld<acc_t>(S), staged = S * D;
+  const int64_t ldk = cpu::transposed_ld<acc_t>(S), staged = S * D;
   constexpr int64_t BM = kSpatialQueryBlock, BN = kSpatialKeyBlock;
   cpu::parallel_for_isa(B * T * H, 1, [&](int64_t lo, int64_t hi) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> qb(staged), kb(staged), vb(staged), kt(D * ldk), ob(BM * D), scores(BM * BN),
@@ -488,7 +470,7 @@ void spatial_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at:
   const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
-  const int64_t ldk = transposed_ld<acc_t>(S), staged = S * D;
+  const int64_t ldk = cpu::transposed_ld<acc_t>(S), staged = S * D;
   constexpr int64_t BM = kSpatialQueryBlock, BN = kSpatialKeyBlock;
   cpu::parallel_for_isa(B * T * H, 1, [&](int64_t lo, int64_t hi) TORCHNOVA_LAMBDA_INLINE {
     std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), ob(staged), kt(D * ldk), vt(D * ldk),

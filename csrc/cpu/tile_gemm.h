@@ -38,6 +38,25 @@ struct Vec32<double> {
 
 constexpr int kGemmRows = 6;  // rows of the register tile
 
+template <typename T>
+constexpr int64_t kVectorLanes = 32 / sizeof(T);
+
+TORCHNOVA_INLINE int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Leading dimension for a transposed (D, n) operand: n rounded to whole vectors plus one vector, so that the D
+// rows do not all fall into the same cache sets when n is a power of two.
+template <typename T>
+TORCHNOVA_INLINE int64_t transposed_ld(int64_t n) {
+  return round_up(n, kVectorLanes<T>) + kVectorLanes<T>;
+}
+
+// dst[0, n) = src[0, n) converted (fp16/bf16 -> float staging of the attention kernels).
+template <typename S, typename T>
+TORCHNOVA_INLINE void convert_row(const S* src, int64_t n, T* dst) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);
+}
+
 // One MR x (NV vectors) tile of C over the whole K.
 template <typename T, int MR, int NV, bool kTransA>
 TORCHNOVA_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
