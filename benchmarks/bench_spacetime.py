@@ -8,8 +8,9 @@ Baselines: ``torch-eager`` (einsum/softmax written out, as video-diffusion-pytor
 the layout permute to (B·S, H, T, D) (temporal) or (B·T, H, S, D) (spatial), ``scaled_dot_product_attention``
 under ``sdpa_kernel(<backend>)`` with the bias as a float ``attn_mask``, and the permute back (the copies are
 part of what a user pays); ``flex-attention``: the same layout through compiled FlexAttention with the bias as a
-``score_mod`` (CUDA only). A backend that rejects the inputs (flash with a bias; CUDA-only ones on CPU; more
-than 65,535 problems) is recorded as an error or skipped with its reason.
+``score_mod`` (CUDA only); ``xformers`` (memory_efficient_attention, bias as a tensor) and ``flash-attn``
+(flash_attn_func, spatial only: no additive bias) when installed. A backend that rejects the inputs (flash with
+a bias; CUDA-only ones on CPU; more than 65,535 problems) is recorded as an error or skipped with its reason.
 
 FLOPs (matmuls only, 2 per multiply-add): forward 4·P·L²·D with P problems of length L (temporal: P = B·S·H,
 L = T; spatial: P = B·T·H, L = S); backward 2.5× forward (flash-attention's convention: 5 matmuls of that
@@ -141,6 +142,75 @@ def _flex_provider(kind: str) -> Provider:
     return Provider("flex-attention", True, make, reasons)
 
 
+def _to_bmhk(x, kind):
+    """(B, T, S, H, D) -> the (batch, L, H, D) layout of xformers / flash-attn (spatial: a view; temporal: a copy)."""
+    B, T, S, H, D = x.shape
+    if kind == "temporal":
+        return x.permute(0, 2, 1, 3, 4).reshape(B * S, T, H, D)
+    return x.reshape(B * T, S, H, D)
+
+
+def _from_bmhk(out, shape, kind):
+    B, T, S, H, D = shape
+    if kind == "temporal":
+        return out.reshape(B, S, T, H, D).permute(0, 2, 1, 3, 4)
+    return out.reshape(B, T, S, H, D)
+
+
+def _xformers_provider(kind: str) -> Provider:
+    """xformers.ops.memory_efficient_attention on the (batch, L, H, D) layout; the temporal bias as a tensor bias."""
+
+    def make(inputs: Inputs):
+        import xformers.ops as xops
+
+        q, k, v = _split(inputs)
+
+        def run():
+            bias = None
+            if kind == "temporal":
+                B, T, S, H, D = q.shape
+                bias = inputs["bias"].to(q.dtype).unsqueeze(0).expand(B * S, H, T, T)
+            out = xops.memory_efficient_attention(*(_to_bmhk(x, kind) for x in (q, k, v)), attn_bias=bias)
+            return _from_bmhk(out, q.shape, kind)
+
+        return run
+
+    def reasons(inputs: Inputs) -> list[str]:
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as exc:  # ImportError, or a build for another torch
+            return [f"xformers is not importable ({type(exc).__name__}: {exc})"]
+        if inputs["qkv"].device.type != "cuda":
+            return ["xformers' memory-efficient attention is benchmarked on CUDA"]
+        return []
+
+    return Provider("xformers", True, make, reasons)
+
+
+def _flash_attn_provider(kind: str) -> Provider:
+    """flash-attn 2 ``flash_attn_func`` (fp16/bf16, no additive bias: spatial only)."""
+
+    def make(inputs: Inputs):
+        from flash_attn import flash_attn_func
+
+        q, k, v = _split(inputs)
+        return lambda: _from_bmhk(flash_attn_func(*(_to_bmhk(x, kind) for x in (q, k, v))), q.shape, kind)
+
+    def reasons(inputs: Inputs) -> list[str]:
+        if kind == "temporal":
+            return ["flash-attn has no additive attention bias (the temporal case trains a relative-position bias)"]
+        try:
+            import flash_attn  # noqa: F401
+        except Exception as exc:
+            return [f"flash-attn is not importable ({type(exc).__name__}: {exc})"]
+        qkv = inputs["qkv"]
+        if qkv.device.type != "cuda" or qkv.dtype not in (torch.float16, torch.bfloat16):
+            return [f"flash-attn needs CUDA fp16/bf16, got {qkv.device.type} {qkv.dtype}"]
+        return []
+
+    return Provider("flash-attn", True, make, reasons)
+
+
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
 
@@ -201,7 +271,10 @@ def _baselines(kind: str) -> list[Provider]:
         Provider(f"sdpa-{b}", True, functools.partial(make_sdpa, b), functools.partial(_sdpa_reasons, b))
         for b in SDPA_BACKENDS
     ]
-    return [Provider("torch-eager", True, make_eager), *sdpa, _flex_provider(kind)]
+    return [
+        Provider("torch-eager", True, make_eager), *sdpa, _flex_provider(kind), _xformers_provider(kind),
+        _flash_attn_provider(kind),
+    ]  # fmt: skip
 
 
 def _shape(B, T, S, H, D):
