@@ -31,6 +31,7 @@
 #include "dual_channel_visibility.h"
 #include "cpu_dispatch.h"
 #include "cpu_math.h"
+#include "flash_tile.h"
 #include "tile_gemm.h"
 
 namespace {
@@ -204,30 +205,8 @@ void attention_fwd_kernel(const Layout& layout, const scalar_t* q,  // (B, L, H,
           const int64_t n0 = int64_t(tile.key_block) * kBlock, cols = std::min<int64_t>(kBlock, L - n0);
           cpu::gemm(rows, cols, D, qb.data() + m0 * D, D, kt.data() + n0, ldk, scores.data(), kBlock, scale);
           mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, scores.data(), kBlock);
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* row = scores.data() + r * kBlock;
-            acc_t block_max = row_max[r];
-#pragma omp simd reduction(max : block_max)
-            for (int64_t j = 0; j < cols; ++j) block_max = row[j] > block_max ? row[j] : block_max;
-            if (block_max == -std::numeric_limits<acc_t>::infinity()) {  // nothing visible yet in this row
-              std::fill(row, row + cols, acc_t(0));
-              continue;
-            }
-            acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < cols; ++j) {
-              row[j] = cpu::exp_nonpositive(row[j] - block_max);
-              sum += row[j];
-            }
-            const acc_t rescale = cpu::exp_nonpositive(row_max[r] - block_max);  // 0 while the row was empty
-            if (rescale != acc_t(1)) {
-              acc_t* o = ob.data() + r * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
-            }
-            row_sum[r] = row_sum[r] * rescale + sum;
-            row_max[r] = block_max;
-          }
+          cpu::online_softmax_tile(scores.data(), kBlock, rows, cols, row_max.data(), row_sum.data(), ob.data(), D,
+                                   D);
           cpu::gemm(rows, D, cols, scores.data(), kBlock, vb.data() + n0 * D, D, ob.data(), D, acc_t(1),
                     /*accumulate=*/true);
         }
@@ -289,15 +268,7 @@ void attention_bwd_kernel(const Layout& layout, const scalar_t* dout,  // (B, L,
           cpu::gemm(rows, cols, D, q_rows, D, kt.data() + n0, ldk, probs.data(), kBlock, scale);  // scale Q K^T
           mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, probs.data(), kBlock);
           cpu::gemm(rows, cols, D, g_rows, D, vt.data() + n0, ldk, dscores.data(), kBlock);  // dP = dO V^T
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t *pr = probs.data() + r * kBlock, *ds = dscores.data() + r * kBlock;
-            const acc_t l = row_lse[r], dl = delta[r];
-#pragma omp simd
-            for (int64_t j = 0; j < cols; ++j) {
-              pr[j] = cpu::exp_nonpositive(pr[j] - l);  // masked (-inf) and empty rows (l = +inf) give 0
-              ds[j] = pr[j] * (ds[j] - dl);
-            }
-          }
+          cpu::softmax_grad_tile(probs.data(), dscores.data(), kBlock, rows, cols, row_lse.data(), delta.data());
           cpu::gemm<acc_t, true>(cols, D, rows, probs.data(), kBlock, g_rows, D, dvb.data() + n0 * D, D, acc_t(1),
                                  true);  // dV += P^T dO
           cpu::gemm<acc_t, true>(cols, D, rows, dscores.data(), kBlock, q_rows, D, dkb.data() + n0 * D, D, scale,

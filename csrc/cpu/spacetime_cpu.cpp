@@ -31,6 +31,7 @@
 
 #include "cpu_dispatch.h"
 #include "cpu_math.h"
+#include "flash_tile.h"
 #include "tile_gemm.h"
 
 #include <algorithm>
@@ -298,7 +299,9 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
         const auto dkr = item_out_rows(H, D, dkb.data());
         const auto dvr = item_out_rows(H, D, dvb.data());
         for (int64_t t = 0; t < T; ++t) {  // delta = rowsum(dO o O)
-          for (int64_t h = 0; h < H; ++h) delta[t * H + h] = dot(gr.head(h) + t * gr.ld_t, orows.head(h) + t * orows.ld_t, D);
+          for (int64_t h = 0; h < H; ++h) {
+            delta[t * H + h] = dot(gr.head(h) + t * gr.ld_t, orows.head(h) + t * orows.ld_t, D);
+          }
         }
         for (int64_t h = 0; h < H; ++h) {
           cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);
@@ -424,26 +427,8 @@ void spatial_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         for (int64_t n0 = 0; n0 < S; n0 += BN) {
           const int64_t cols = std::min(BN, S - n0);
           cpu::gemm(rows, cols, D, qr.p + m0 * qr.ld_t, qr.ld_t, kt.data() + n0, ldk, scores.data(), BN, scale);
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* row = scores.data() + r * BN;
-            acc_t block_max = row_max[r];
-#pragma omp simd reduction(max : block_max)
-            for (int64_t j = 0; j < cols; ++j) block_max = row[j] > block_max ? row[j] : block_max;
-            acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < cols; ++j) {
-              row[j] = cpu::exp_nonpositive(row[j] - block_max);
-              sum += row[j];
-            }
-            const acc_t rescale = cpu::exp_nonpositive(row_max[r] - block_max);  // 0 on the first block
-            if (rescale != acc_t(1)) {
-              acc_t* o = ob.data() + r * D;
-#pragma omp simd
-              for (int64_t d = 0; d < D; ++d) o[d] *= rescale;
-            }
-            row_sum[r] = row_sum[r] * rescale + sum;
-            row_max[r] = block_max;
-          }
+          cpu::online_softmax_tile(scores.data(), BN, rows, cols, row_max.data(), row_sum.data(), ob.data(), D,
+                                   D);
           cpu::gemm(rows, D, cols, scores.data(), BN, vr.p + n0 * vr.ld_t, vr.ld_t, ob.data(), D, acc_t(1),
                     /*accumulate=*/true);
         }
@@ -498,15 +483,7 @@ void spatial_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at:
           const int64_t cols = std::min(BN, S - n0);
           cpu::gemm(rows, cols, D, q_rows, qr.ld_t, kt.data() + n0, ldk, probs.data(), BN, scale);  // scale Q K^T
           cpu::gemm(rows, cols, D, g_rows, gr.ld_t, vt.data() + n0, ldk, dscores.data(), BN);       // dP = dO V^T
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t *pr = probs.data() + r * BN, *ds = dscores.data() + r * BN;
-            const acc_t l = row_lse[r], dl = delta[r];
-#pragma omp simd
-            for (int64_t j = 0; j < cols; ++j) {
-              pr[j] = cpu::exp_nonpositive(pr[j] - l);
-              ds[j] = pr[j] * (ds[j] - dl);
-            }
-          }
+          cpu::softmax_grad_tile(probs.data(), dscores.data(), BN, rows, cols, row_lse.data(), delta.data());
           cpu::gemm<acc_t, true>(cols, D, rows, probs.data(), BN, g_rows, gr.ld_t, dvb.data() + n0 * D, D, acc_t(1),
                                  true);  // dV += P^T dO
           cpu::gemm<acc_t, true>(cols, D, rows, dscores.data(), BN, q_rows, qr.ld_t, dkb.data() + n0 * D, D, scale,
