@@ -38,17 +38,20 @@ kernel; a dK/dV kernel, one program per key tile, looping over the query tiles (
 from every frame row that sees them); a separate dQ kernel, one program per query tile, looping over key
 tiles. Every gradient element is written by exactly one program: deterministic, no atomics.
 
-Tile skipping: ``_block_may_see`` is block_may_see of csrc/dual_channel_visibility.h — a conservative test
-(O(1) scalar integer work: frame ranges, and per axis the intervals of spatial groups a token range touches) that is false only when no query
-of the tile sees any key of the tile. Both loops skip such tiles before loading anything, and the loops over
-keys stop at max(last query, text_len) in the sequential stage (everything visible is causal there), so the
-cost follows the visible pairs, not L². ``tile_table`` evaluates the same jit helper for every tile pair (tests,
-benchmarks).
+Tile skipping: ``_block_may_see`` is block_may_see of csrc/dual_channel_visibility.h, a conservative test that is
+false only when no query of a tile sees any key of a tile (O(1) scalar integer work: frame ranges, causal
+bounds, and per axis the intervals of spatial groups a token range touches). A pre-pass kernel
+(``_tile_list_kernel``, one program per row tile, independent of batch and head) runs it for every tile pair and
+writes, per query tile (forward, dQ) or per key tile (dK/dV), the list of partner tiles that may hold a visible
+pair: (L / BLOCK) x (L / BLOCK) int32 at most, never an L x L mask. The attention kernels loop over their list
+only, so a skipped tile costs nothing there (no load, no test) and the cost follows the visible pairs, not L².
+``tile_table`` returns those lists as a boolean (query tile, key tile) table (tests, benchmarks).
 
-Blocks: BLOCK_M = BLOCK_N = 64 (32 when the padded head dim exceeds 128), D padded to a power of two >= 16
-(tl.dot's minimum; padded columns load 0 and are never stored). fp32 inputs use IEEE fp32 dots
-(input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32 accumulation. Not autotuned: the block
-sizes are the FlashAttention-2 defaults for D = 64 and have not been measured on a GPU yet.
+Blocks: per kernel, padded head dim and dtype from _CONFIGS (fp16/bf16, D <= 64: forward 64 x 32, dK/dV 64 x 32,
+dQ 32 x 64 (query x key tokens), 4 warps), chosen so that ptxas reports no register spill; D padded to a power of
+two >= 16 (tl.dot's minimum; padded columns load 0 and are never stored). fp32 inputs use IEEE fp32 dots
+(input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32 accumulation. Not autotuned and not timed:
+nothing here has run on a GPU yet (the kernels compile for sm_80 / sm_90 and pass the interpreter tests).
 """
 
 from __future__ import annotations
@@ -73,12 +76,25 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "HAS_TRITON", "cogvideo_attention_fwd_triton", "cogvideo_attention_bwd_triton", "dual_channel_mix_fwd_triton",
-    "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N",
+    "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N", "MAX_HEAD_DIM",
 ]  # fmt: skip
 
 # Module-level so tests can shrink them (several tiles and the skip logic on tiny grids).
-BLOCK_M = 64  # query tokens per tile
-BLOCK_N = 64  # key tokens per tile
+# Tile sizes: (query tile, key tile, num_warps) per kernel, padded head dim and fp32 (IEEE dots) or not. Picked
+# without a GPU: the largest tiles for which ptxas (sm_80, triton 3.8) reports no register spill in the heaviest
+# mode (plus / window / interpolation) and that fit 99 KB of shared memory (sm_86 / sm_89). Not timed yet.
+_CONFIGS = {  # (ieee, D_PAD): (forward, dK/dV, dQ)
+    (False, 64): ((64, 32, 4), (64, 32, 4), (32, 64, 4)),
+    (False, 128): ((64, 64, 8), (16, 32, 4), (32, 64, 8)),
+    (False, 256): ((32, 32, 8), (16, 16, 4), (32, 32, 8)),
+    (True, 64): ((64, 32, 8), (32, 64, 8), (64, 32, 8)),
+    (True, 128): ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
+    (True, 256): ((16, 16, 4), (16, 16, 4), (16, 16, 4)),
+}
+# Caps on the query / key tile of every kernel (module-level: tests shrink them to 16 so that tiny grids have
+# several tiles and the skip logic runs).
+BLOCK_M = 128
+BLOCK_N = 128
 MAX_HEAD_DIM = 256
 MIX_BLOCK_R = 32  # rows per mix program (the alpha-gradient partial sums are per (row chunk, channel))
 MIX_BLOCK_C = 128  # channels per mix program
@@ -220,20 +236,33 @@ if HAS_TRITON:
         return nonempty & (text_hit | (frames_ok & frame_hit))
 
     @triton.jit
-    def _key_end(q_hi, L, text_len, STAGE: tl.constexpr):
-        """Keys past this index are invisible to queries < q_hi: sequential is causal (text keys aside)."""
-        if STAGE == 0:
-            return tl.maximum(q_hi, text_len)
-        else:
-            return L
-
-    @triton.jit
-    def _query_begin(k_lo, text_len, STAGE: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Query tiles before this index see no key >= k_lo (sequential, frame keys only)."""
-        if STAGE == 0:
-            return tl.where(k_lo >= text_len, (k_lo // BLOCK_M) * BLOCK_M, 0)
-        else:
-            return 0
+    def _tile_list_kernel(
+        list_ptr,  # (rows, cols) int32: row r's column tiles that may hold a visible pair, in its first count[r] slots
+        count_ptr,  # (rows,) int32
+        L, cols, text_len, frame_size, grid_h, grid_w, window, shift,
+        CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr,
+        ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,
+    ):  # fmt: skip
+        """The pre-pass of every attention launch: one program per row tile (query tiles, or key tiles for the
+        dK/dV kernel) runs the tile test against every column tile. The attention kernels then loop over their
+        list only, so skipped tiles cost nothing there, not even the test."""
+        r = tl.program_id(0)
+        r_lo = r * ROW_BLOCK
+        r_hi = tl.minimum(r_lo + ROW_BLOCK, L)
+        n = tl.full([], 0, tl.int32)
+        for c in range(0, cols):
+            c_lo = c * COL_BLOCK
+            c_hi = tl.minimum(c_lo + COL_BLOCK, L)
+            if ROWS_ARE_KEYS:
+                may = _block_may_see(c_lo, c_hi, r_lo, r_hi, text_len, frame_size, grid_h, grid_w, window, shift,
+                                     CHANNEL, ATTENTION, STAGE)  # fmt: skip
+            else:
+                may = _block_may_see(r_lo, r_hi, c_lo, c_hi, text_len, frame_size, grid_h, grid_w, window, shift,
+                                     CHANNEL, ATTENTION, STAGE)  # fmt: skip
+            if may:
+                tl.store(list_ptr + r.to(tl.int64) * cols + n, c)
+                n += 1
+        tl.store(count_ptr + r, n)
 
     @triton.jit
     def _visible_tile(
@@ -289,6 +318,23 @@ if HAS_TRITON:
         else:
             return tl.dot(a.to(b.dtype), b)
 
+    @triton.jit
+    def _key_tile(
+        k_ptr, v_ptr, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,  # (B, L, H, D) strided
+        list_ptr, tile, cols, n,  # the n-th key tile of query tile `tile`'s list
+        b, h, qi, pad_row_ptr, L, D, text_len, frame_size, grid_w, window, shift,
+        CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
+        BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+    ):  # fmt: skip
+        """The k and v tiles of the n-th listed key tile and its visibility against the queries qi (BLOCK_M, 1)."""
+        k_lo = tl.load(list_ptr + tile.to(tl.int64) * cols + n) * BLOCK_N
+        k = _load_rows(k_ptr, b, h, k_lo, L, D, ks_b, ks_l, ks_h, BLOCK_N, D_PAD)
+        v = _load_rows(v_ptr, b, h, k_lo, L, D, vs_b, vs_l, vs_h, BLOCK_N, D_PAD)
+        kj = (k_lo + tl.arange(0, BLOCK_N))[None, :]
+        visible = _visible_tile(qi, kj, pad_row_ptr, L, text_len, frame_size, grid_w, window, shift,
+                                CHANNEL, ATTENTION, STAGE, HAS_PAD)  # fmt: skip
+        return k, v, visible
+
     # -----------------------------------------------------------------------------------------------------
     # Attention kernels
     # -----------------------------------------------------------------------------------------------------
@@ -298,53 +344,41 @@ if HAS_TRITON:
         q_ptr, k_ptr, v_ptr,  # (B, L, H, D) q.dtype, strides (s_b, s_l, s_h) each, stride(-1) == 1
         qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,
         pad_ptr,  # (B, text_len) uint8, 1 = real text token; a dummy when HAS_PAD is false
+        list_ptr, count_ptr,  # (cdiv(L, BLOCK_M), cols) / (cdiv(L, BLOCK_M),) int32: key tiles per query tile
         out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr,  # (B, L, H) fp32 contiguous, natural log; +inf for rows with no visible key
-        tiles_ptr,  # (B·H, cdiv(L, BLOCK_M)) int32 processed key tiles per program (COUNT_TILES), or a dummy
-        L, H, D, qk_scale,  # qk_scale = D^-1/2 · log2(e)
-        text_len, frame_size, grid_h, grid_w, window, shift,
+        L, H, D, cols, qk_scale,  # qk_scale = D^-1/2 · log2(e)
+        text_len, frame_size, grid_w, window, shift,
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
-        IEEE: tl.constexpr, COUNT_TILES: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        q_lo = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        q_hi = tl.minimum(q_lo + BLOCK_M, L)
+        tile = tl.program_id(0)
+        q_lo = tile * BLOCK_M
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
         qi = (q_lo + tl.arange(0, BLOCK_M))[:, None]
         pad_row_ptr = pad_ptr + b * text_len
         q = _load_rows(q_ptr, b, h, q_lo, L, D, qs_b, qs_l, qs_h, BLOCK_M, D_PAD)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        processed = tl.full([], 0, tl.int32)
-        for k_lo in range(0, _key_end(q_hi, L, text_len, STAGE), BLOCK_N):
-            k_hi = tl.minimum(k_lo + BLOCK_N, L)
-            if _block_may_see(q_lo, q_hi, k_lo, k_hi, text_len, frame_size, grid_h, grid_w, window, shift,
-                              CHANNEL, ATTENTION, STAGE):  # fmt: skip
-                k = _load_rows(k_ptr, b, h, k_lo, L, D, ks_b, ks_l, ks_h, BLOCK_N, D_PAD)
-                v = _load_rows(v_ptr, b, h, k_lo, L, D, vs_b, vs_l, vs_h, BLOCK_N, D_PAD)
-                kj = (k_lo + tl.arange(0, BLOCK_N))[None, :]
-                visible = _visible_tile(qi, kj, pad_row_ptr, L, text_len, frame_size, grid_w, window, shift,
-                                        CHANNEL, ATTENTION, STAGE, HAS_PAD)  # fmt: skip
-                scores = tl.where(visible, _mma(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-                shift_by = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-                p = tl.exp2(scores - shift_by[:, None])
-                rescale = tl.exp2(m_i - shift_by)
-                l_i = l_i * rescale + tl.sum(p, axis=1)
-                acc = acc * rescale[:, None] + _mma(p, v, IEEE)
-                m_i = m_new
-                processed += 1
+        for n in range(0, tl.load(count_ptr + tile)):
+            k, v, visible = _key_tile(k_ptr, v_ptr, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h, list_ptr, tile, cols, n, b, h,
+                                      qi, pad_row_ptr, L, D, text_len, frame_size, grid_w, window, shift, CHANNEL,
+                                      ATTENTION, STAGE, HAS_PAD, BLOCK_N, D_PAD)  # fmt: skip
+            scores = tl.where(visible, _mma(q, tl.trans(k), IEEE) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            shift_by = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+            p = tl.exp2(scores - shift_by[:, None])
+            rescale = tl.exp2(m_i - shift_by)
+            l_i = l_i * rescale + tl.sum(p, axis=1)
+            acc = acc * rescale[:, None] + _mma(p, v, IEEE)
+            m_i = m_new
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         _store_rows(out_ptr, out, b, h, q_lo, L, H, D, BLOCK_M, D_PAD)
         stat_offs, in_range = _row_stat_offsets(b, h, q_lo, L, H, BLOCK_M)
         lse = tl.where(empty, float("inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(lse_ptr + stat_offs, lse, mask=in_range)
-        if COUNT_TILES:
-            tl.store(tiles_ptr + bh * tl.num_programs(0) + tl.program_id(0), processed)
 
     @triton.jit
     def _cogvideo_bwd_delta_kernel(
@@ -362,47 +396,48 @@ if HAS_TRITON:
         tl.store(delta_ptr + offs, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=in_range)
 
     @triton.jit
+    def _load_row_stats(lse_ptr, delta_ptr, b, h, first, L, H, BLOCK: tl.constexpr):
+        """(BLOCK,) lse · log2(e) and delta of tokens first .. first + BLOCK − 1 (0 outside L)."""
+        offs, in_range = _row_stat_offsets(b, h, first, L, H, BLOCK)
+        lse2 = tl.load(lse_ptr + offs, mask=in_range, other=0.0) * 1.4426950408889634
+        return lse2, tl.load(delta_ptr + offs, mask=in_range, other=0.0)
+
+    @triton.jit
     def _cogvideo_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr,  # (B, L, H, D) q.dtype, strides (s_b, s_l, s_h) each, stride(-1) == 1
         qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,
         grad_out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr, delta_ptr,  # (B, L, H) fp32 contiguous
         pad_ptr,  # (B, text_len) uint8 or a dummy
+        list_ptr, count_ptr,  # (cdiv(L, BLOCK_N), cols) / (cdiv(L, BLOCK_N),) int32: query tiles per key tile
         dk_ptr, dv_ptr,  # (B, L, H, D) q.dtype contiguous
-        L, H, D, scale, qk_scale,  # scale = D^-1/2, qk_scale = scale · log2(e)
-        text_len, frame_size, grid_h, grid_w, window, shift,
+        L, H, D, cols, scale, qk_scale,  # scale = D^-1/2, qk_scale = scale · log2(e)
+        text_len, frame_size, grid_w, window, shift,
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        """One key tile; loops over the query tiles that may see it. Works on transposed (key, query) tiles."""
-        k_lo = tl.program_id(0) * BLOCK_N
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        k_hi = tl.minimum(k_lo + BLOCK_N, L)
+        """One key tile; loops over the query tiles that may see it, on transposed (key, query) tiles."""
+        tile = tl.program_id(0)
+        k_lo = tile * BLOCK_N
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
         kj = (k_lo + tl.arange(0, BLOCK_N))[:, None]
         pad_row_ptr = pad_ptr + b * text_len
         k = _load_rows(k_ptr, b, h, k_lo, L, D, ks_b, ks_l, ks_h, BLOCK_N, D_PAD)
         v = _load_rows(v_ptr, b, h, k_lo, L, D, vs_b, vs_l, vs_h, BLOCK_N, D_PAD)
         dk = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)
-        for q_lo in range(_query_begin(k_lo, text_len, STAGE, BLOCK_M), L, BLOCK_M):
-            q_hi = tl.minimum(q_lo + BLOCK_M, L)
-            if _block_may_see(q_lo, q_hi, k_lo, k_hi, text_len, frame_size, grid_h, grid_w, window, shift,
-                              CHANNEL, ATTENTION, STAGE):  # fmt: skip
-                q = _load_rows(q_ptr, b, h, q_lo, L, D, qs_b, qs_l, qs_h, BLOCK_M, D_PAD)
-                do = _load_rows(grad_out_ptr, b, h, q_lo, L, D, L * H * D, H * D, D, BLOCK_M, D_PAD)
-                stat_offs, in_range = _row_stat_offsets(b, h, q_lo, L, H, BLOCK_M)
-                lse2 = tl.load(lse_ptr + stat_offs, mask=in_range, other=0.0) * 1.4426950408889634
-                delta = tl.load(delta_ptr + stat_offs, mask=in_range, other=0.0)
-                qi = (q_lo + tl.arange(0, BLOCK_M))[None, :]
-                visible = _visible_tile(qi, kj, pad_row_ptr, L, text_len, frame_size, grid_w, window, shift,
-                                        CHANNEL, ATTENTION, STAGE, HAS_PAD)  # fmt: skip
-                p_t = tl.where(visible, tl.exp2(_mma(k, tl.trans(q), IEEE) * qk_scale - lse2[None, :]), 0.0)
-                dv += _mma(p_t, do, IEEE)
-                dp_t = _mma(v, tl.trans(do), IEEE)
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += _mma(ds_t, q, IEEE)
+        for n in range(0, tl.load(count_ptr + tile)):
+            q_lo = tl.load(list_ptr + tile.to(tl.int64) * cols + n) * BLOCK_M
+            q = _load_rows(q_ptr, b, h, q_lo, L, D, qs_b, qs_l, qs_h, BLOCK_M, D_PAD)
+            do = _load_rows(grad_out_ptr, b, h, q_lo, L, D, L * H * D, H * D, D, BLOCK_M, D_PAD)
+            lse2, delta = _load_row_stats(lse_ptr, delta_ptr, b, h, q_lo, L, H, BLOCK_M)
+            qi = (q_lo + tl.arange(0, BLOCK_M))[None, :]
+            visible = _visible_tile(qi, kj, pad_row_ptr, L, text_len, frame_size, grid_w, window, shift,
+                                    CHANNEL, ATTENTION, STAGE, HAS_PAD)  # fmt: skip
+            p_t = tl.where(visible, tl.exp2(_mma(k, tl.trans(q), IEEE) * qk_scale - lse2[None, :]), 0.0)
+            dv += _mma(p_t, do, IEEE)
+            ds_t = p_t * (_mma(v, tl.trans(do), IEEE) - delta[None, :])
+            dk += _mma(ds_t, q, IEEE)
         _store_rows(dk_ptr, dk * scale, b, h, k_lo, L, H, D, BLOCK_N, D_PAD)
         _store_rows(dv_ptr, dv, b, h, k_lo, L, H, D, BLOCK_N, D_PAD)
 
@@ -413,52 +448,31 @@ if HAS_TRITON:
         grad_out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr, delta_ptr,  # (B, L, H) fp32 contiguous
         pad_ptr,  # (B, text_len) uint8 or a dummy
+        list_ptr, count_ptr,  # (cdiv(L, BLOCK_M), cols) / (cdiv(L, BLOCK_M),) int32: key tiles per query tile
         dq_ptr,  # (B, L, H, D) q.dtype contiguous
-        L, H, D, scale, qk_scale,
-        text_len, frame_size, grid_h, grid_w, window, shift,
+        L, H, D, cols, scale, qk_scale,
+        text_len, frame_size, grid_w, window, shift,
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
-        """One query tile; loops over the key tiles it may see (the forward's loop)."""
-        q_lo = tl.program_id(0) * BLOCK_M
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        q_hi = tl.minimum(q_lo + BLOCK_M, L)
+        """One query tile; loops over the key tiles it may see (as the forward)."""
+        tile = tl.program_id(0)
+        q_lo = tile * BLOCK_M
+        b, h = tl.program_id(1) // H, tl.program_id(1) % H
         qi = (q_lo + tl.arange(0, BLOCK_M))[:, None]
         pad_row_ptr = pad_ptr + b * text_len
         q = _load_rows(q_ptr, b, h, q_lo, L, D, qs_b, qs_l, qs_h, BLOCK_M, D_PAD)
         do = _load_rows(grad_out_ptr, b, h, q_lo, L, D, L * H * D, H * D, D, BLOCK_M, D_PAD)
-        stat_offs, in_range = _row_stat_offsets(b, h, q_lo, L, H, BLOCK_M)
-        lse2 = tl.load(lse_ptr + stat_offs, mask=in_range, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + stat_offs, mask=in_range, other=0.0)
+        lse2, delta = _load_row_stats(lse_ptr, delta_ptr, b, h, q_lo, L, H, BLOCK_M)
         dq = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-        for k_lo in range(0, _key_end(q_hi, L, text_len, STAGE), BLOCK_N):
-            k_hi = tl.minimum(k_lo + BLOCK_N, L)
-            if _block_may_see(q_lo, q_hi, k_lo, k_hi, text_len, frame_size, grid_h, grid_w, window, shift,
-                              CHANNEL, ATTENTION, STAGE):  # fmt: skip
-                k = _load_rows(k_ptr, b, h, k_lo, L, D, ks_b, ks_l, ks_h, BLOCK_N, D_PAD)
-                v = _load_rows(v_ptr, b, h, k_lo, L, D, vs_b, vs_l, vs_h, BLOCK_N, D_PAD)
-                kj = (k_lo + tl.arange(0, BLOCK_N))[None, :]
-                visible = _visible_tile(qi, kj, pad_row_ptr, L, text_len, frame_size, grid_w, window, shift,
-                                        CHANNEL, ATTENTION, STAGE, HAS_PAD)  # fmt: skip
-                p = tl.where(visible, tl.exp2(_mma(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None]), 0.0)
-                ds = p * (_mma(do, tl.trans(v), IEEE) - delta[:, None])
-                dq += _mma(ds, k, IEEE)
+        for n in range(0, tl.load(count_ptr + tile)):
+            k, v, visible = _key_tile(k_ptr, v_ptr, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h, list_ptr, tile, cols, n, b, h,
+                                      qi, pad_row_ptr, L, D, text_len, frame_size, grid_w, window, shift, CHANNEL,
+                                      ATTENTION, STAGE, HAS_PAD, BLOCK_N, D_PAD)  # fmt: skip
+            p = tl.where(visible, tl.exp2(_mma(q, tl.trans(k), IEEE) * qk_scale - lse2[:, None]), 0.0)
+            ds = p * (_mma(do, tl.trans(v), IEEE) - delta[:, None])
+            dq += _mma(ds, k, IEEE)
         _store_rows(dq_ptr, dq * scale, b, h, q_lo, L, H, D, BLOCK_M, D_PAD)
-
-    @triton.jit
-    def _tile_table_kernel(
-        table_ptr,  # (cdiv(L, BLOCK_M), cdiv(L, BLOCK_N)) int32: _block_may_see of every tile pair
-        L, text_len, frame_size, grid_h, grid_w, window, shift,
-        CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        q_lo = tl.program_id(0) * BLOCK_M
-        k_lo = tl.program_id(1) * BLOCK_N
-        may = _block_may_see(q_lo, tl.minimum(q_lo + BLOCK_M, L), k_lo, tl.minimum(k_lo + BLOCK_N, L), text_len,
-                             frame_size, grid_h, grid_w, window, shift, CHANNEL, ATTENTION, STAGE)  # fmt: skip
-        tl.store(table_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), may.to(tl.int32))
 
     # -----------------------------------------------------------------------------------------------------
     # Mix kernels
@@ -529,19 +543,34 @@ class _Layout:
     def length(self) -> int:
         return self.text_len + self.frames * self.frame_size
 
-    def runtime(self) -> tuple:
-        return (self.text_len, self.frame_size, self.grid_h, self.grid_w, self.window, self.shift)
+    def pair_args(self) -> tuple:
+        """Runtime arguments of _pair_visible (the attention kernels)."""
+        return (self.text_len, self.frame_size, self.grid_w, self.window, self.shift)
 
     def constexprs(self) -> dict:
         return dict(CHANNEL=self.channel, ATTENTION=self.attention, STAGE=self.stage)
 
+    def tile_lists(self, row_block: int, col_block: int, rows_are_keys: bool, device) -> tuple[Tensor, Tensor, int]:
+        """Per row tile, the column tiles that may hold a visible pair: list (rows, cols) int32, count (rows,)
+        int32, cols. Rows are query tiles (forward, dQ) or key tiles (dK/dV, rows_are_keys)."""
+        L = self.length
+        rows, cols = triton.cdiv(L, row_block), triton.cdiv(L, col_block)
+        tiles = torch.empty((rows, cols), device=device, dtype=torch.int32)
+        counts = torch.empty((rows,), device=device, dtype=torch.int32)
+        launch_triton(_tile_list_kernel, (rows,), tiles, counts, L, cols, self.text_len, self.frame_size, self.grid_h,
+                      self.grid_w, self.window, self.shift, **self.constexprs(), ROW_BLOCK=row_block,
+                      COL_BLOCK=col_block, ROWS_ARE_KEYS=rows_are_keys)  # fmt: skip
+        return tiles, counts, cols
 
-def _blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, D_PAD, num_warps) for a head dim."""
+
+_FWD, _DKDV, _DQ = range(3)
+
+
+def _config(kernel: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Launch constants of one attention kernel: BLOCK_M (query tile), BLOCK_N (key tile), D_PAD, num_warps."""
     d_pad = max(16, next_pow2(head_dim))
-    if d_pad > 128:
-        return max(16, BLOCK_M // 2), max(16, BLOCK_N // 2), d_pad, 8
-    return BLOCK_M, BLOCK_N, d_pad, 4 if d_pad <= 64 else 8
+    block_m, block_n, num_warps = _CONFIGS[(dtype == torch.float32, max(64, d_pad))][kernel]
+    return dict(BLOCK_M=min(block_m, BLOCK_M), BLOCK_N=min(block_n, BLOCK_N), D_PAD=d_pad, num_warps=num_warps)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -566,33 +595,27 @@ def _strides(*xs: Tensor) -> list[int]:
     return [s for x in xs for s in x.stride()[:3]]
 
 
-def _forward(q, k, v, text_pad_mask, layout: _Layout, tile_counts: Optional[Tensor] = None):
-    _check(q, k, v)
-    B, L, H, D = q.shape
-    out = torch.empty((B, L, H, D), device=q.device, dtype=q.dtype)
-    lse = torch.empty((B, L, H), device=q.device, dtype=torch.float32)
-    if q.numel() == 0:
-        return out, lse
-    block_m, block_n, d_pad, num_warps = _blocks(D)
-    grid = (triton.cdiv(L, block_m), B * H)
-    launch_triton(
-        _cogvideo_fwd_kernel, grid,
-        q, k, v, *_strides(q, k, v), _pad_arg(text_pad_mask, q.device), out, lse,
-        tile_counts if tile_counts is not None else lse,
-        L, H, D, D**-0.5 * _LOG2E, *layout.runtime(), **layout.constexprs(),
-        HAS_PAD=text_pad_mask is not None, IEEE=q.dtype == torch.float32, COUNT_TILES=tile_counts is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, num_warps=num_warps,
-    )  # fmt: skip
-    return out, lse
-
-
 def cogvideo_attention_fwd_triton(
     q: Tensor, k: Tensor, v: Tensor, text_pad_mask: Optional[Tensor], text_len: int, frames: int, grid_h: int,
     grid_w: int, channel: str, attention: str, window: int, shifted: bool, stage: str,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """-> out (B, L, H, D) q.dtype, lse (B, L, H) fp32 (+inf on rows with no visible key)."""
+    _check(q, k, v)
     layout = _Layout(text_len, frames, grid_h, grid_w, channel, attention, window, shifted, stage)
-    return _forward(q, k, v, text_pad_mask, layout)
+    B, L, H, D = q.shape
+    out = torch.empty((B, L, H, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, L, H), device=q.device, dtype=torch.float32)
+    if q.numel() == 0:
+        return out, lse
+    config = _config(_FWD, D, q.dtype)
+    tiles, counts, cols = layout.tile_lists(config["BLOCK_M"], config["BLOCK_N"], False, q.device)
+    launch_triton(
+        _cogvideo_fwd_kernel, (counts.shape[0], B * H),
+        q, k, v, *_strides(q, k, v), _pad_arg(text_pad_mask, q.device), tiles, counts, out, lse,
+        L, H, D, cols, D**-0.5 * _LOG2E, *layout.pair_args(), **layout.constexprs(),
+        HAS_PAD=text_pad_mask is not None, IEEE=q.dtype == torch.float32, **config,
+    )  # fmt: skip
+    return out, lse
 
 
 def cogvideo_attention_bwd_triton(
@@ -609,42 +632,32 @@ def cogvideo_attention_bwd_triton(
         return dq, dk, dv
     grad_out, out = grad_out.contiguous().to(q.dtype), out.contiguous()
     lse = lse.contiguous().to(torch.float32)
-    block_m, block_n, d_pad, num_warps = _blocks(D)
+    dkdv_config, dq_config = _config(_DKDV, D, q.dtype), _config(_DQ, D, q.dtype)
     delta = torch.empty((B, L, H), device=q.device, dtype=torch.float32)
-    launch_triton(_cogvideo_bwd_delta_kernel, (triton.cdiv(L, block_m), B * H), out, grad_out, delta, L, H, D,
-                  BLOCK_M=block_m, D_PAD=d_pad, num_warps=num_warps)  # fmt: skip
+    launch_triton(_cogvideo_bwd_delta_kernel, (triton.cdiv(L, dq_config["BLOCK_M"]), B * H), out, grad_out, delta,
+                  L, H, D, BLOCK_M=dq_config["BLOCK_M"], D_PAD=dq_config["D_PAD"])  # fmt: skip
     scale = D**-0.5
-    common = dict(**layout.constexprs(), HAS_PAD=text_pad_mask is not None, IEEE=q.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=block_n, D_PAD=d_pad, num_warps=num_warps)  # fmt: skip
-    pad = _pad_arg(text_pad_mask, q.device)
-    inputs = (q, k, v, *_strides(q, k, v), grad_out, lse, delta, pad)
-    sizes = (L, H, D, scale, scale * _LOG2E, *layout.runtime())
-    launch_triton(_cogvideo_bwd_dkdv_kernel, (triton.cdiv(L, block_n), B * H), *inputs, dk, dv, *sizes, **common)
-    launch_triton(_cogvideo_bwd_dq_kernel, (triton.cdiv(L, block_m), B * H), *inputs, dq, *sizes, **common)
+    common = dict(**layout.constexprs(), HAS_PAD=text_pad_mask is not None, IEEE=q.dtype == torch.float32)
+    inputs = (q, k, v, *_strides(q, k, v), grad_out, lse, delta, _pad_arg(text_pad_mask, q.device))
+    for config, keys_first, outputs in ((dkdv_config, True, (dk, dv)), (dq_config, False, (dq,))):
+        kernel = _cogvideo_bwd_dkdv_kernel if keys_first else _cogvideo_bwd_dq_kernel
+        rows, cols = (config["BLOCK_N"], config["BLOCK_M"]) if keys_first else (config["BLOCK_M"], config["BLOCK_N"])
+        tiles, counts, n_cols = layout.tile_lists(rows, cols, keys_first, q.device)
+        launch_triton(kernel, (counts.shape[0], B * H), *inputs, tiles, counts, *outputs, L, H, D, n_cols, scale,
+                      scale * _LOG2E, *layout.pair_args(), **common, **config)  # fmt: skip
     return dq, dk, dv
 
 
-def forward_tile_counts(q, k, v, text_pad_mask, text_len, frames, grid_h, grid_w, channel, attention, window,
-                        shifted, stage) -> Tensor:  # fmt: skip
-    """Debug: (B·H, cdiv(L, BLOCK_M)) int32 number of key tiles each forward program processed (not skipped)."""
-    layout = _Layout(text_len, frames, grid_h, grid_w, channel, attention, window, shifted, stage)
-    block_m = _blocks(q.shape[-1])[0]
-    counts = torch.zeros((q.shape[0] * q.shape[2], triton.cdiv(q.shape[1], block_m)), device=q.device,
-                         dtype=torch.int32)  # fmt: skip
-    _forward(q, k, v, text_pad_mask, layout, counts)
-    return counts
-
-
 def tile_table(text_len, frames, grid_h, grid_w, channel, attention="full", window=10, shifted=False,
-               stage="sequential", block_m=None, block_n=None, device="cpu") -> Tensor:  # fmt: skip
-    """(cdiv(L, block_m), cdiv(L, block_n)) bool: the kernels' tile test for every (query tile, key tile)."""
+               stage="sequential", block_m=64, block_n=32, device="cpu") -> Tensor:  # fmt: skip
+    """(cdiv(L, block_m), cdiv(L, block_n)) bool: which (query tile, key tile) pairs the attention kernels
+    process, from the tile lists they loop over (the others hold no visible pair and are skipped)."""
     layout = _Layout(text_len, frames, grid_h, grid_w, channel, attention, window, shifted, stage)
-    block_m, block_n = block_m or BLOCK_M, block_n or BLOCK_N
-    L = layout.length
-    table = torch.zeros((triton.cdiv(L, block_m), triton.cdiv(L, block_n)), device=device, dtype=torch.int32)
-    launch_triton(_tile_table_kernel, table.shape, table, L, *layout.runtime(), **layout.constexprs(),
-                  BLOCK_M=block_m, BLOCK_N=block_n)  # fmt: skip
-    return table.bool()
+    tiles, counts, cols = layout.tile_lists(block_m, block_n, False, device)
+    listed = torch.arange(cols, device=device)[None, :] < counts[:, None]
+    table = torch.zeros((counts.shape[0], cols + 1), device=device, dtype=torch.bool)  # last column: a sink
+    table.scatter_(1, torch.where(listed, tiles.long(), cols), listed)
+    return table[:, :cols]
 
 
 def _mix_launch_args(o_base: Tensor, alpha_logit: Tensor):
