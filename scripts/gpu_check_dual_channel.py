@@ -1,9 +1,9 @@
-"""First-GPU-run check of the CUDA dual-channel kernels against a float64 PyTorch computation.
+"""First-GPU-run check of the CUDA (or Triton) dual-channel kernels against a float64 PyTorch computation.
 
-    PYTHONPATH=pyext python scripts/gpu_check_dual_channel.py [--quick]
+    PYTHONPATH=pyext python scripts/gpu_check_dual_channel.py [--quick] [--backend cuda|triton]
 
 Compares torch.ops.torchnova.cogvideo_attention_{fwd,bwd} (out, lse, dq, dk, dv) and dual_channel_mix_{fwd,bwd}
-(y, d_base, d_plus, d_alpha_logit) on CUDA with float64 math on the same (rounded) inputs, over every
+(y, d_base, d_plus, d_alpha_logit) — with --backend triton the ``*_triton`` ops of the same contract — on CUDA with float64 math on the same (rounded) inputs, over every
 (channel, attention, shifted, stage) mode, on a small layout (text 3, frames 5, grid 8x8, window 4) and on the
 released one (text 64, 5 x 20 x 20, window 10), in float32 / float16 / bfloat16, with strided q / k / v, a head
 dim that is not a multiple of 16 on the small layout, and left-padded text. Also checks that the backward is
@@ -148,8 +148,14 @@ class Checker:
             self.failures.append(name)
 
 
+OP_SUFFIX = ""  # "_triton" with --backend triton
+
+
+def op(name):
+    return getattr(torch.ops.torchnova, name + OP_SUFFIX)
+
+
 def check_attention(checker, dense_mask, layout, dtype, head_dim, batch, heads, generator, row_pad=3):
-    ops = torch.ops.torchnova
     seq_len = layout["text_len"] + layout["frames"] * layout["grid_h"] * layout["grid_w"]
     text_pad = torch.ones(batch, layout["text_len"], dtype=torch.bool, device="cuda")
     if batch > 1 and layout["text_len"] > 1:
@@ -163,8 +169,8 @@ def check_attention(checker, dense_mask, layout, dtype, head_dim, batch, heads, 
             pad = text_pad if with_pad else None
             args = (layout["text_len"], layout["frames"], layout["grid_h"], layout["grid_w"], channel, attention,
                     layout["window"], shifted, stage)
-            out, lse = ops.cogvideo_attention_fwd(q, k, v, pad, *args)
-            dq, dk, dv = ops.cogvideo_attention_bwd(grad_out, q, k, v, out, lse, pad, *args)
+            out, lse = op("cogvideo_attention_fwd")(q, k, v, pad, *args)
+            dq, dk, dv = op("cogvideo_attention_bwd")(grad_out, q, k, v, out, lse, pad, *args)
             visible = dense_mask(layout, channel, attention, shifted, stage).to("cuda")
             visible = visible[None].expand(batch, seq_len, seq_len).clone()
             if pad is not None:
@@ -173,7 +179,7 @@ def check_attention(checker, dense_mask, layout, dtype, head_dim, batch, heads, 
             for name, actual, expected, kind in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), ref,
                                                      ("fwd", "fwd", "grad", "grad", "grad")):
                 checker.compare(name, actual, expected, dtype, kind)
-            again = ops.cogvideo_attention_bwd(grad_out, q, k, v, out, lse, pad, *args)
+            again = op("cogvideo_attention_bwd")(grad_out, q, k, v, out, lse, pad, *args)
             deterministic = all(torch.equal(x, y) for x, y in zip(again, (dq, dk, dv)))
             checker.require("backward bitwise deterministic", deterministic)
             empty = ~visible.any(-1)  # (B, L)
@@ -184,7 +190,6 @@ def check_attention(checker, dense_mask, layout, dtype, head_dim, batch, heads, 
 
 
 def check_mix(checker, dtype, generator):
-    ops = torch.ops.torchnova
     batch, seq_len, hidden, text_len = 3, 37, 24, 5
     base, plus, grad_y = (
         torch.randn(batch, seq_len, hidden, generator=generator, dtype=torch.float64) for _ in range(3)
@@ -193,8 +198,8 @@ def check_mix(checker, dtype, generator):
     base, plus, grad_y = (x.to(device="cuda", dtype=dtype) for x in (base, plus, grad_y))
     logit_cuda = logit.to(device="cuda", dtype=torch.float32)
     print(f"  mix {dtype} B={batch} L={seq_len} hidden={hidden} text_len={text_len}")
-    y = ops.dual_channel_mix_fwd(base, plus, logit_cuda, text_len)
-    d_base, d_plus, d_logit = ops.dual_channel_mix_bwd(grad_y, base, plus, logit_cuda, text_len)
+    y = op("dual_channel_mix_fwd")(base, plus, logit_cuda, text_len)
+    d_base, d_plus, d_logit = op("dual_channel_mix_bwd")(grad_y, base, plus, logit_cuda, text_len)
     b64, p64 = base.double().requires_grad_(True), plus.double().requires_grad_(True)
     l64 = logit_cuda.double().requires_grad_(True)
     alpha = torch.sigmoid(l64)
@@ -203,7 +208,7 @@ def check_mix(checker, dtype, generator):
     checker.compare("y", y, y64, dtype, "fwd")
     for name, actual, expected in zip(("d_base", "d_plus", "d_alpha_logit"), (d_base, d_plus, d_logit), grads):
         checker.compare(name, actual, expected, dtype, "grad")
-    again = ops.dual_channel_mix_bwd(grad_y, base, plus, logit_cuda, text_len)
+    again = op("dual_channel_mix_bwd")(grad_y, base, plus, logit_cuda, text_len)
     checker.require("mix backward bitwise deterministic", torch.equal(again[2], d_logit))
 
 
@@ -236,6 +241,7 @@ def check_errors(checker):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small layout only")
+    parser.add_argument("--backend", choices=("cuda", "triton"), default="cuda", help="which kernels (default cuda)")
     options = parser.parse_args()
     if not torch.cuda.is_available():
         print("no GPU: torch.cuda.is_available() is False, nothing to check (exit 0)")
@@ -244,11 +250,16 @@ def main() -> int:
     import torchnova  # noqa: F401  (registers the ops)
     from torchnova import _ext
 
-    if not _ext.HAS_CUDA_KERNELS:
+    global OP_SUFFIX
+    OP_SUFFIX = "_triton" if options.backend == "triton" else ""
+    if options.backend == "triton" and not _ext.HAS_TRITON:
+        print(f"triton is not importable ({_ext.TRITON_IMPORT_ERROR})")
+        return 1
+    if options.backend == "cuda" and not _ext.HAS_CUDA_KERNELS:
         print(f"torchnova was built without CUDA kernels ({_ext.BUILD_INFO or _ext.CPP_IMPORT_ERROR}): rebuild with "
               "FORCE_CUDA=1")
         return 1
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, kernels: {options.backend}")
 
     def dense_mask(layout, channel, attention, shifted, stage):
         return cogvideo_style_mask(layout["text_len"], layout["frames"], layout["grid_h"], layout["grid_w"], channel,
@@ -264,7 +275,8 @@ def main() -> int:
                                     attention, layout["window"], shifted, stage)
             checker.require(f"masks.visibility {channel}/{attention}/{shifted}/{stage}", torch.equal(rule, expected))
     generator = torch.Generator().manual_seed(0)
-    check_errors(checker)
+    if options.backend == "cuda":  # the Triton ops leave argument checks to torchnova.cogvideo_attention
+        check_errors(checker)
     for dtype in DTYPES:
         check_mix(checker, dtype, generator)
     for dtype in DTYPES:

@@ -1,5 +1,6 @@
 """CogVideo dual-channel attention: the visibility rule vs CogVideo's own construction, kernels vs the float64
-reference in every mode, padding, bad input, gradcheck, opcheck, compile."""
+reference in every mode, padding, bad input, gradcheck, opcheck, compile. The Triton kernels run on CPU under
+TRITON_INTERPRET=1 (conftest.py) with 16-token tiles, on tiny grids: the interpreter is slow."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from torchnova import _ext, cogvideo_attention, dual_channel_mix
+from torchnova.dual_channel import triton_kernels
 from torchnova.dual_channel.masks import visibility
 from torchnova.dual_channel.reference import cogvideo_attention_ref, dual_channel_mix_ref
-from utils import assert_close
+from utils import assert_close, skip_unless_runs
 
 needs_cpp = pytest.mark.skipif(not _ext.HAS_CPP, reason="C++ extension not built")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run (CPU: the interpreter)
 
 MODES = [
     ("base", "full", False, "sequential"),
@@ -112,28 +115,32 @@ def test_shifted_groups_picture():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _inputs(batch, length, heads, dim, dtype, seed=0):
+def _inputs(batch, length, heads, dim, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, length, heads, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    return [torch.randn(batch, length, heads, dim, generator=g, dtype=torch.float64).to(device, dtype)
+            for _ in range(3)]  # fmt: skip
 
 
 def _check_against_reference(backend, mode, dtype, text_len=3, frames=5, grid=(8, 8), window=4, heads=2, dim=5,
-                             pad=None, strided=False):
+                             pad=None, strided=False, device="cpu"):
     channel, attention, shifted, stage = mode
     length = text_len + frames * grid[0] * grid[1]
-    q, k, v = _inputs(2, length, heads, dim, dtype)
+    q, k, v = _inputs(2, length, heads, dim, dtype, device=device)
+    skip_unless_runs("cogvideo_attention", backend, x=q, head_dim=dim)
     if strided:  # non-contiguous (B, L, H, D) views with stride(-1) == 1
         q, k, v = (torch.cat([x, x], dim=2)[:, :, ::2] for x in (q, k, v))
+    pad = pad.to(device) if pad is not None else None
     kw = dict(text_len=text_len, frames=frames, grid=grid, channel=channel, attention=attention, window=window,
               shifted=shifted, stage=stage, text_pad_mask=pad)
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
     out = cogvideo_attention(*leaves, backend=backend, **kw)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
-    ref_leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    ref_leaves = [x.detach().cpu().double().requires_grad_(True) for x in (q, k, v)]
+    pad = pad.cpu() if pad is not None else None
     ref = cogvideo_attention_ref(*ref_leaves, pad, text_len, frames, grid[0], grid[1], channel, attention, window,
                                  shifted, stage)[0]
-    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.cpu())
     assert_close(out, ref, dtype, "fwd", f"{backend} out")
     for name, got, want in zip("qkv", grads, ref_grads):
         assert_close(got, want, dtype, "grad", f"{backend} d{name}")
@@ -175,11 +182,13 @@ def test_cpp_real_cogvideo_layout():
     assert_close(lse[finite], ref_lse[finite], torch.float64, "fwd", "lse")
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp), "triton"])
 @pytest.mark.parametrize("channel", ["base", "plus"])
 def test_whole_padding_rows_no_nan(backend, channel):
-    q, k, v = (x.requires_grad_(True) for x in _inputs(2, 3 + 5 * 4, 1, 4, torch.float32))
-    pad = torch.tensor([[False, False, False], [True, False, False]])
+    device = DEVICE if backend == "triton" else "cpu"
+    q, k, v = (x.requires_grad_(True) for x in _inputs(2, 3 + 5 * 4, 1, 4, torch.float32, device=device))
+    skip_unless_runs("cogvideo_attention", backend, x=q, head_dim=4)
+    pad = torch.tensor([[False, False, False], [True, False, False]], device=device)
     out = cogvideo_attention(q, k, v, text_len=3, frames=5, grid=2, channel=channel, text_pad_mask=pad,
                              backend=backend)
     out.sum().backward()
@@ -205,16 +214,20 @@ def test_gradcheck_cpp(mode):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "triton"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
-def test_mix_cpp_matches_reference(dtype):
+def test_mix_matches_reference(backend, dtype, monkeypatch):
+    monkeypatch.setattr(triton_kernels, "MIX_BLOCK_R", 4)  # several row chunks: partial sums of d alpha_logit
+    monkeypatch.setattr(triton_kernels, "MIX_BLOCK_C", 16)
+    device = DEVICE if backend == "triton" else "cpu"
     g = torch.Generator().manual_seed(0)
-    base, plus = (torch.randn(3, 7, 5, generator=g, dtype=torch.float64) for _ in range(2))
-    logit = torch.randn(5, generator=g, dtype=torch.float64)
-    leaves = [x.to(dtype).requires_grad_(True) for x in (base, plus, logit)]
-    y = dual_channel_mix(*leaves, text_len=2, backend="cpp")
+    base, plus = (torch.randn(3, 7, 21, generator=g, dtype=torch.float64) for _ in range(2))
+    logit = torch.randn(21, generator=g, dtype=torch.float64)
+    leaves = [x.to(device, dtype).requires_grad_(True) for x in (base, plus, logit)]
+    skip_unless_runs("dual_channel_mix", backend, x=leaves[0])
+    y = dual_channel_mix(*leaves, text_len=2, backend=backend)
     grad_y = torch.randn(y.shape, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad(y, leaves, grad_y.to(dtype))
+    grads = torch.autograd.grad(y, leaves, grad_y.to(device, dtype))
     ref_leaves = [x.to(dtype).double().requires_grad_(True) for x in (base, plus, logit)]
     ref = dual_channel_mix_ref(*ref_leaves, 2)
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_y)
@@ -222,12 +235,145 @@ def test_mix_cpp_matches_reference(dtype):
     for name, got, want in zip(("d_base", "d_plus", "d_alpha_logit"), grads, ref_grads):
         assert_close(got, want, dtype, "grad", name)
     assert (grads[1][:, :2] == 0).all()  # text rows take o_base only
+    if backend == "triton":  # d alpha_logit: per-program partial sums added in a fixed order
+        again = torch.autograd.grad(dual_channel_mix(*leaves, text_len=2, backend=backend), leaves,
+                                    grad_y.to(device, dtype))  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
 
 
 @needs_cpp
 def test_mix_gradcheck_cpp():
     leaves = [torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 4, 3), (2, 4, 3), (3,))]
     assert torch.autograd.gradcheck(lambda a, b, c: dual_channel_mix(a, b, c, text_len=1, backend="cpp"), leaves)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triton kernels (CPU: the interpreter; tiny grids, 16-token tiles so that several tiles and skipping happen)
+# ---------------------------------------------------------------------------------------------------------
+
+PAD = torch.tensor([[True, False, True], [False, False, False]])  # batch 1: all text padded (empty base rows)
+# (mode, head dim, heads, strided): D 16, one non-power-of-two D (24), D 8; two heads on strided views
+TRITON_CASES = [
+    (MODES[0], 16, 1, False), (MODES[1], 24, 1, False), (MODES[2], 8, 2, True), (MODES[3], 16, 1, False),
+    (MODES[4], 24, 1, True), (MODES[5], 16, 1, False), (MODES[6], 16, 1, False), (MODES[7], 8, 1, True),
+]  # fmt: skip
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(triton_kernels, "BLOCK_M", 16)
+    monkeypatch.setattr(triton_kernels, "BLOCK_N", 16)
+
+
+@pytest.mark.parametrize("mode, dim, heads, strided", TRITON_CASES, ids=MODE_IDS)
+def test_triton_matches_reference(mode, dim, heads, strided, small_tiles):
+    # text 3, 5 frames of 4x4 (L = 83: 6 query x 6 key tiles), window 2; padding with a whole-padding batch row
+    _check_against_reference("triton", mode, torch.float32, grid=(4, 4), window=2, heads=heads, dim=dim, pad=PAD,
+                             strided=strided, device=DEVICE)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [MODES[1], MODES[6]], ids=[MODE_IDS[1], MODE_IDS[6]])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_low_precision(mode, dtype, small_tiles):
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("bf16 tl.dot is wrong in the Triton interpreter: bf16 runs on a GPU only")
+    _check_against_reference("triton", mode, dtype, grid=(4, 4), window=2, heads=1, dim=16, pad=PAD, device=DEVICE)
+
+
+@pytest.mark.parametrize("mode", [MODES[0], MODES[7]], ids=[MODE_IDS[0], MODE_IDS[7]])
+def test_triton_lse_matches_reference(mode, small_tiles):
+    """The saved lse equals the reference's, +inf exactly on the rows with no visible key."""
+    q, k, v = _inputs(2, 3 + 5 * 16, 1, 8, torch.float32, device=DEVICE)
+    skip_unless_runs("cogvideo_attention", "triton", x=q, head_dim=8)
+    args = (3, 5, 4, 4, mode[0], mode[1], 2, mode[2], mode[3])
+    out, lse = torch.ops.torchnova.cogvideo_attention_fwd_triton(q, k, v, PAD.to(DEVICE), *args)
+    ref_out, ref_lse = cogvideo_attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), PAD, *args)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 83, 1)
+    assert torch.equal(torch.isinf(lse.cpu()), torch.isinf(ref_lse)) and torch.isinf(ref_lse).any()
+    finite = torch.isfinite(ref_lse)
+    assert_close(lse.cpu()[finite], ref_lse[finite], torch.float32, "fwd", "lse")
+    assert_close(out, ref_out, torch.float32, "fwd", "out")
+
+
+def test_triton_backward_deterministic(small_tiles):
+    q, k, v = (x.requires_grad_(True) for x in _inputs(1, 3 + 5 * 16, 1, 16, torch.float32, device=DEVICE))
+    skip_unless_runs("cogvideo_attention", "triton", x=q, head_dim=16)
+    kw = dict(text_len=3, frames=5, grid=4, channel="plus", attention="window", window=2, shifted=True,
+              stage="sequential", backend="triton")  # fmt: skip
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    first = torch.autograd.grad(cogvideo_attention(q, k, v, **kw), (q, k, v), grad_out)
+    second = torch.autograd.grad(cogvideo_attention(q, k, v, **kw), (q, k, v), grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def _tile_any(dense, block_m, block_n):
+    """(L, L) bool -> (cdiv(L, block_m), cdiv(L, block_n)): whether each tile holds a visible pair."""
+    length = dense.shape[0]
+    rows, cols = -(-length // block_m), -(-length // block_n)
+    padded = torch.zeros(rows * block_m, cols * block_n, dtype=torch.bool)
+    padded[:length, :length] = dense
+    return padded.view(rows, block_m, cols, block_n).any(3).any(1)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+def test_triton_tile_test_never_skips_a_visible_pair(mode):
+    """The kernels' tile lists (jit block_may_see) vs the dense mask: a skipped tile has no visible pair, and
+    the window rule skips tiles that the causal rule alone would keep. 16 x 8 tiles on a 4 x 8 grid: a query
+    tile is two rows of a frame, a key tile one row."""
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("triton is not importable")
+    channel, attention, shifted, stage = mode
+    layout = (3, 5, 4, 8, channel, attention, 2, shifted, stage)
+    table = triton_kernels.tile_table(*layout, block_m=16, block_n=8, device=DEVICE).cpu()
+    visible = _tile_any(visibility(*layout), 16, 8)
+    assert not (visible & ~table).any(), "a tile with visible pairs would be skipped"
+    assert table.sum() < table.numel()
+    if attention == "window" and stage == "sequential" and not shifted:  # fewer tiles than the causal rule alone
+        causal = triton_kernels.tile_table(3, 5, 4, 8, "plus", "full", stage=stage, block_m=16, block_n=8,
+                                           device=DEVICE).cpu()  # fmt: skip
+        assert table.sum() < causal.sum() and not (table & ~causal).any()
+
+
+def test_triton_tile_lists_skip_outside_windows():
+    """The tile lists the kernels loop over (text 3, 2 frames of 8x8, window 4, 16-token tiles: a query tile is
+    two rows, one row of windows): the window rule lists fewer key tiles per query tile than the causal rule,
+    and each list is exactly the tiles with a visible pair here."""
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip("triton is not importable")
+    tables = {}
+    for attention in ("full", "window"):
+        layout = (3, 2, 8, 8, "plus", attention, 4, False, "sequential")
+        tables[attention] = triton_kernels.tile_table(*layout, block_m=16, block_n=16, device=DEVICE).cpu()
+        assert torch.equal(tables[attention], _tile_any(visibility(*layout), 16, 16))
+    assert tables["window"].sum() < tables["full"].sum() < 9 * 9
+    assert (tables["window"].sum(1) <= tables["full"].sum(1)).all()
+
+
+def test_triton_forced_unsupported_raises():
+    q = torch.randn(1, 2 + 5 * 4, 1, 4, dtype=torch.float64)
+    kw = dict(text_len=2, frames=5, grid=2, channel="base", backend="triton")
+    with pytest.raises(ValueError, match=r"`triton` is not supported because:(.|\n)*dtype=float64"):
+        cogvideo_attention(q, q, q, **kw)
+    wide = torch.randn(1, 2 + 5 * 4, 1, 264)
+    with pytest.raises(ValueError, match=r"head dim D=264 > 256"):
+        cogvideo_attention(wide, wide, wide, **kw)
+    with pytest.raises(ValueError, match=r"`triton` is not supported because:(.|\n)*dtype=float64"):
+        dual_channel_mix(q[:, :, 0], q[:, :, 0], torch.zeros(4, dtype=torch.float64), text_len=2, backend="triton")
+
+
+def test_opcheck_triton_ops(small_tiles):
+    q, k, v = _inputs(1, 2 + 5 * 4, 2, 16, torch.float32, device=DEVICE)
+    skip_unless_runs("cogvideo_attention", "triton", x=q, head_dim=16)
+    ops = torch.ops.torchnova
+    args = (torch.tensor([[True, False]], device=DEVICE), 2, 5, 2, 2, "base", "full", 1, False, "interpolation")
+    torch.library.opcheck(ops.cogvideo_attention_fwd_triton.default, (q.clone().requires_grad_(True), k, v, *args))
+    out, lse = ops.cogvideo_attention_fwd_triton(q, k, v, *args)
+    torch.library.opcheck(ops.cogvideo_attention_bwd_triton.default, (torch.randn_like(out), q, k, v, out, lse, *args))
+    base, plus = (torch.randn(2, 5, 3, device=DEVICE, requires_grad=True) for _ in range(2))
+    logit = torch.randn(3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.dual_channel_mix_fwd_triton.default, (base, plus, logit, 2))
+    torch.library.opcheck(ops.dual_channel_mix_bwd_triton.default,
+                          (torch.randn(2, 5, 3, device=DEVICE), base.detach(), plus.detach(), logit.detach(), 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,17 +440,19 @@ def test_opcheck():
                           (torch.randn(2, 5, 3), base.detach(), plus.detach(), logit.detach(), 2))
 
 
-@needs_cpp
-def test_compile_fullgraph():
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "triton"])
+def test_compile_fullgraph(backend):
     torch._dynamo.reset()
-    q, k, v = _inputs(1, 2 + 5 * 4, 1, 4, torch.float32)
-    logit = torch.zeros(4)
+    device = DEVICE if backend == "triton" else "cpu"
+    q, k, v = _inputs(1, 2 + 5 * 4, 1, 4, torch.float32, device=device)
+    skip_unless_runs("cogvideo_attention", backend, x=q, head_dim=4)
+    logit = torch.zeros(4, device=device)
 
     def layer(q, k, v):
-        kw = dict(text_len=2, frames=5, grid=2, backend="cpp")
+        kw = dict(text_len=2, frames=5, grid=2, backend=backend)
         base = cogvideo_attention(q, k, v, channel="base", **kw)
         plus = cogvideo_attention(q, k, v, channel="plus", attention="window", window=1, **kw)
-        return dual_channel_mix(base.flatten(2), plus.flatten(2), logit, text_len=2, backend="cpp")
+        return dual_channel_mix(base.flatten(2), plus.flatten(2), logit, text_len=2, backend=backend)
 
     with torch._dynamo.config.patch(recompile_limit=1, error_on_recompile=True):
         compiled = torch.compile(layer, fullgraph=True, backend="eager")

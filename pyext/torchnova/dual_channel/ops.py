@@ -2,9 +2,16 @@
 
 Op chain: ``torchnova::cogvideo_attention_fwd`` / ``_bwd`` and ``dual_channel_mix_fwd`` / ``_bwd`` (schemas in
 csrc/dual_channel_ops.cpp; CPU kernels csrc/cpu/dual_channel_cpu.cpp = backend "cpp", CUDA kernels
-csrc/cuda/dual_channel_*.cu = backend "cuda"), one fake and one autograd formula per pair. The visibility rule
-is masks.py / csrc/dual_channel_visibility.h. The forward saves the row log-sum-exp (B, L, H) in the
-accumulation dtype; the backward recomputes the probabilities from it.
+csrc/cuda/dual_channel_*.cu = backend "cuda"), and ``torchnova::cogvideo_attention_fwd_triton`` / ``_bwd_triton``
+and ``dual_channel_mix_fwd_triton`` / ``_bwd_triton`` (triton_kernels.py, same arguments and outputs, registered
+from Python = backend "triton"); one fake and one autograd formula per pair, shared by both op families. The
+visibility rule is masks.py / csrc/dual_channel_visibility.h (and its @triton.jit port in triton_kernels.py).
+The forward saves the row log-sum-exp (B, L, H) in the accumulation dtype; the backward recomputes the
+probabilities from it.
+
+``auto`` order: cuda, cpp, triton, reference. cpp runs CPU tensors only and triton CUDA tensors (or CPU tensors
+under TRITON_INTERPRET=1, the slow interpreter of the tests), so on a GPU this is "cuda, then triton" and on a
+CPU "cpp"; the interpreter is only used when asked for by name (or when the C++ extension is missing).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype
+from .._library import accumulation_dtype, define_triton_op
+from . import triton_kernels
 from .masks import ATTENTIONS, CHANNELS, STAGES
 from .reference import cogvideo_attention_ref, dual_channel_mix_ref
 
@@ -44,13 +52,21 @@ def _cuda_reasons(x, head_dim=None, **_):
     return why
 
 
+def _triton_reasons(x, head_dim=None, **_):
+    why = _backend.triton_reasons(x.device) + _backend.dtype_reasons(x.dtype, _CUDA_DTYPES)
+    if head_dim is not None and head_dim > triton_kernels.MAX_HEAD_DIM:
+        why.append(f"head dim D={head_dim} > {triton_kernels.MAX_HEAD_DIM}")
+    return why
+
+
 def _reference_reasons(x, head_dim=None, **_):
     return []
 
 
-for _op in (OP, MIX_OP):
+for _op in (OP, MIX_OP):  # "auto" order (module docstring)
     _backend.register(_op, "cuda", _cuda_reasons)
     _backend.register(_op, "cpp", _cpp_reasons)
+    _backend.register(_op, "triton", _triton_reasons)
     _backend.register(_op, "reference", _reference_reasons)
 
 
@@ -111,21 +127,30 @@ def _make_mix_backward(bwd_op):
     return backward
 
 
+def _register(fwd_name, bwd_name, fwd_fake, bwd_fake, make_backward, setup_context) -> None:
+    torch.library.register_fake(fwd_name)(fwd_fake)
+    torch.library.register_fake(bwd_name)(bwd_fake)
+    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
+    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
+
+
+def _register_pair(suffix: str) -> None:
+    """Fakes + autograd of the attention and mix ops named ``..._fwd{suffix}`` / ``..._bwd{suffix}``."""
+    _register(f"torchnova::cogvideo_attention_fwd{suffix}", f"torchnova::cogvideo_attention_bwd{suffix}",
+              _attn_fwd_fake, _attn_bwd_fake, _make_attn_backward, _attn_setup)  # fmt: skip
+    _register(f"torchnova::dual_channel_mix_fwd{suffix}", f"torchnova::dual_channel_mix_bwd{suffix}",
+              _mix_fwd_fake, _mix_bwd_fake, _make_mix_backward, _mix_setup)  # fmt: skip
+
+
 if _ext.HAS_CPP:
-    torch.library.register_fake("torchnova::cogvideo_attention_fwd")(_attn_fwd_fake)
-    torch.library.register_fake("torchnova::cogvideo_attention_bwd")(_attn_bwd_fake)
-    torch.library.register_autograd(
-        "torchnova::cogvideo_attention_fwd",
-        _make_attn_backward(torch.ops.torchnova.cogvideo_attention_bwd.default),
-        setup_context=_attn_setup,
-    )
-    torch.library.register_fake("torchnova::dual_channel_mix_fwd")(_mix_fwd_fake)
-    torch.library.register_fake("torchnova::dual_channel_mix_bwd")(_mix_bwd_fake)
-    torch.library.register_autograd(
-        "torchnova::dual_channel_mix_fwd",
-        _make_mix_backward(torch.ops.torchnova.dual_channel_mix_bwd.default),
-        setup_context=_mix_setup,
-    )
+    _register_pair("")
+
+if triton_kernels.HAS_TRITON:
+    define_triton_op("torchnova::cogvideo_attention_fwd_triton", triton_kernels.cogvideo_attention_fwd_triton)
+    define_triton_op("torchnova::cogvideo_attention_bwd_triton", triton_kernels.cogvideo_attention_bwd_triton)
+    define_triton_op("torchnova::dual_channel_mix_fwd_triton", triton_kernels.dual_channel_mix_fwd_triton)
+    define_triton_op("torchnova::dual_channel_mix_bwd_triton", triton_kernels.dual_channel_mix_bwd_triton)
+    _register_pair("_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +259,8 @@ def cogvideo_attention(
             windows through every frame; ``shifted`` shifts them by window // 2 with the Swin region rule).
         stage: ``"sequential"`` (causal) or ``"interpolation"`` (frames 0, 2, 4 given; needs frames == 5).
         text_pad_mask: optional (B, text_len) bool, True = real token; padded text keys are invisible.
-        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"cuda"``.
+        backend: ``"auto"`` (``TORCHNOVA_BACKEND`` overrides it), ``"reference"``, ``"cpp"``, ``"triton"``
+            (CUDA tensors, fp32/fp16/bf16, D <= 256; CPU under TRITON_INTERPRET=1) or ``"cuda"``.
 
     Returns:
         (B, L, H, D) tensor of q's dtype. Rows with no visible key give 0.
@@ -246,14 +272,20 @@ def cogvideo_attention(
     if chosen == "reference":
         return cogvideo_attention_ref(q, k, v, text_pad_mask, *args)[0]
     mask = text_pad_mask.contiguous() if text_pad_mask is not None else None
-    out, _ = torch.ops.torchnova.cogvideo_attention_fwd.default(q, k, v, mask, *args)
+    ops = torch.ops.torchnova
+    fwd = ops.cogvideo_attention_fwd_triton if chosen == "triton" else ops.cogvideo_attention_fwd
+    out, _ = fwd.default(q, k, v, mask, *args)
     return out
 
 
 def dual_channel_mix(
     o_base: torch.Tensor, o_plus: torch.Tensor, alpha_logit: torch.Tensor, *, text_len: int, backend: str = "auto"
 ) -> torch.Tensor:
-    """y_text = o_base_text; y_frame = a o_base + (1 - a) o_plus, a = sigmoid(alpha_logit) (hidden,)."""
+    """y_text = o_base_text; y_frame = a o_base + (1 - a) o_plus, a = sigmoid(alpha_logit) (hidden,).
+
+    o_base, o_plus: (B, L, hidden), same dtype; alpha_logit: (hidden,). backend: "auto", "reference", "cpp",
+    "triton" or "cuda". d alpha_logit is reduced over batch and frame tokens in a fixed order (deterministic).
+    """
     for name, x in (("o_base", o_base), ("o_plus", o_plus), ("alpha_logit", alpha_logit)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"dual_channel_mix: {name} must be a torch.Tensor, got {type(x).__name__}")
@@ -276,4 +308,6 @@ def dual_channel_mix(
     chosen = _backend.select(MIX_OP, backend, x=o_base)
     if chosen == "reference":
         return dual_channel_mix_ref(o_base, o_plus, alpha_logit, text_len)
-    return torch.ops.torchnova.dual_channel_mix_fwd.default(o_base, o_plus, alpha_logit, text_len)
+    ops = torch.ops.torchnova
+    fwd = ops.dual_channel_mix_fwd_triton if chosen == "triton" else ops.dual_channel_mix_fwd
+    return fwd.default(o_base, o_plus, alpha_logit, text_len)
