@@ -17,7 +17,9 @@
 // dV = P^T dO, dQ = scale dS K, dK = dS^T (scale Q). at::parallel_for over items, AVX2+FMA copy chosen at runtime.
 // dbias is reduced deterministically: items are cut into a number of chunks that depends only on the
 // item count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
-// are added in chunk order, so two runs give bit-identical results on any machine.
+// are added in chunk order, so two runs give bit-identical results on any machine. The backward takes
+// delta_i = sum_j P_ij dP_ij, equal to dO_i . O_i (O_i = sum_j P_ij v_j) but computed from the tile already in
+// registers: the kernel is memory-bound, and this spares reading O, one of its five input streams.
 //
 // spatial: one problem per (b, t, h), a sequence over the S tokens of a frame, no mask, no bias. FlashAttention-2
 // on the CPU: K^T and V of the problem are copied once (acc type), then blocks of kSpatialQueryBlock queries run
@@ -272,7 +274,7 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
                        acc_t scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, acc_t* dbias) {
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
-  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out), ov(out);
+  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out);  // out is not read: delta from P, dP (header)
   const acc_t* lse_p = lse.data_ptr<acc_t>();
   scalar_t *dq_p = dq.data_ptr<scalar_t>(), *dk_p = dk.data_ptr<scalar_t>(), *dv_p = dv.data_ptr<scalar_t>();
   const int64_t items = B * S, staged = T * staged_ld(HD);
@@ -281,8 +283,8 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
   const int64_t per_chunk = (items + chunks - 1) / chunks;
   std::vector<acc_t> partial(dbias ? chunks * H * T * T : 0, acc_t(0));
   cpu::parallel_for_isa(chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi) TORCHNOVA_LAMBDA_INLINE {
-    std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), ob(staged), dqb(staged), dkb(staged),
-        dvb(staged), kt(D * Tp), vt(D * Tp), probs(T * Tp), dscores(T * Tp), delta(T * H);
+    std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), dqb(staged), dkb(staged), dvb(staged),
+        kt(D * Tp), vt(D * Tp), probs(T * Tp), dscores(T * Tp);
     AdditiveTile<acc_t> additive;
     for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
       acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
@@ -294,29 +296,26 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
         const auto kr = item_rows<acc_t>(kv, b, s, T, H, D, kb.data());
         const auto vr = item_rows<acc_t>(vv, b, s, T, H, D, vb.data());
         const auto gr = item_rows<acc_t>(gv, b, s, T, H, D, gb.data());
-        const auto orows = item_rows<acc_t>(ov, b, s, T, H, D, ob.data());
         const auto dqr = item_out_rows(H, D, dqb.data());
         const auto dkr = item_out_rows(H, D, dkb.data());
         const auto dvr = item_out_rows(H, D, dvb.data());
-        for (int64_t t = 0; t < T; ++t) {  // delta = rowsum(dO o O)
-          for (int64_t h = 0; h < H; ++h) {
-            delta[t * H + h] = dot(gr.head(h) + t * gr.ld_t, orows.head(h) + t * orows.ld_t, D);
-          }
-        }
         for (int64_t h = 0; h < H; ++h) {
           cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);
           cpu::transpose(vr.head(h), vr.ld_t, T, D, vt.data(), Tp);
           cpu::gemm(T, Tp, D, qr.head(h), qr.ld_t, kt.data(), Tp, probs.data(), Tp, scale);  // scale Q K^T
           cpu::gemm(T, Tp, D, gr.head(h), gr.ld_t, vt.data(), Tp, dscores.data(), Tp);      // dP = dO V^T
           for (int64_t i = 0; i < T; ++i) {
-            const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h], row_delta = delta[i * H + h];
+            const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
             acc_t *p = probs.data() + i * Tp, *ds = dscores.data() + i * Tp;
             const acc_t* a = add + (h * T + i) * Tp;
-#pragma omp simd
+            acc_t row_delta = 0;  // delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
+#pragma omp simd reduction(+ : row_delta)
             for (int64_t j = 0; j < Tp; ++j) {
               p[j] = cpu::exp_nonpositive(p[j] + a[j] - row_lse);  // P from the saved lse
-              ds[j] = p[j] * (ds[j] - row_delta);                     // dS = P o (dP - delta)
+              row_delta += p[j] * ds[j];
             }
+#pragma omp simd
+            for (int64_t j = 0; j < Tp; ++j) ds[j] = p[j] * (ds[j] - row_delta);  // dS = P o (dP - delta)
             if (chunk_bias) {
               acc_t* db = chunk_bias + (h * T + i) * T;
               for (int64_t j = 0; j < T; ++j) db[j] += ds[j];
