@@ -49,14 +49,14 @@ only, so a skipped tile costs nothing there (no load, no test) and the cost foll
 
 Blocks: per kernel, padded head dim and dtype from _CONFIGS (fp16/bf16, D <= 64: forward 64 x 32, dK/dV 64 x 32,
 dQ 32 x 64 (query x key tokens), 4 warps, 3 stages), chosen so that ptxas reports no register spill within 99 KB
-of shared memory; D padded to a power of two >= 16 (tl.dot's minimum; padded columns load 0 and are never stored). fp32 inputs use IEEE fp32 dots
-(input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32 accumulation. Not autotuned and not timed:
-nothing here has run on a GPU yet (the kernels compile for sm_80 / sm_90 and pass the interpreter tests).
+of shared memory; D padded to a power of two >= 16 (tl.dot's minimum; padded columns load 0 and are never
+stored). fp32 inputs use IEEE fp32 dots (input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32
+accumulation. Not autotuned and not timed: nothing here has run on a GPU yet (the kernels compile for sm_80 /
+sm_86 / sm_90 and pass the interpreter tests).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -79,7 +79,6 @@ __all__ = [
     "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N", "MAX_HEAD_DIM", "MAX_BATCH_HEADS",
 ]  # fmt: skip
 
-# Module-level so tests can shrink them (several tiles and the skip logic on tiny grids).
 # Launch configs: (query tile, key tile, num_warps, num_stages) per kernel, padded head dim and fp32 (IEEE dots) or
 # not. Picked without a GPU: the largest tiles for which ptxas (triton 3.8, sm_86) reports no register spill in
 # the heaviest mode (plus / window / interpolation) within the 99 KB of shared memory of an sm_86 / sm_89 block
