@@ -2,16 +2,16 @@
 
     PYTHONPATH=pyext python scripts/gpu_check_dual_channel.py [--quick] [--backend cuda|triton]
 
-Compares torch.ops.torchnova.cogvideo_attention_{fwd,bwd} (out, lse, dq, dk, dv) and dual_channel_mix_{fwd,bwd}
-(y, d_base, d_plus, d_alpha_logit) — with --backend triton the ``*_triton`` ops of the same contract — on CUDA with float64 math on the same (rounded) inputs, over every
-(channel, attention, shifted, stage) mode, on a small layout (text 3, frames 5, grid 8x8, window 4) and on the
-released one (text 64, 5 x 20 x 20, window 10), in float32 / float16 / bfloat16, with strided q / k / v, a head
-dim that is not a multiple of 16 on the small layout, and left-padded text. Also checks that the backward is
-bitwise deterministic, that rows with no visible key give out = 0, lse = +inf and zero gradients, and that bad
-arguments raise. The dense mask is built here the way CogVideo's code builds it (window partition of the rolled
-grid, region mask, tril or interpolation mask per window sequence), independently of the kernels' index rule.
-Tolerances: tests/utils.py TOLERANCES (the suite's one table). Prints max errors; exits 1 on any mismatch, and 0
-with a "no GPU" message when CUDA is not available.
+Compares torch.ops.torchnova.cogvideo_attention_{fwd,bwd} (out, lse, dq, dk, dv) and dual_channel_mix_{fwd,bwd} (y,
+d_base, d_plus, d_alpha_logit) — with --backend triton the ``*_triton`` ops of the same contract — on CUDA with
+float64 math on the same (rounded) inputs, over every (channel, attention, shifted, stage) mode, on a small layout
+(text 3, frames 5, grid 8x8, window 4) and on the released one (text 64, 5 x 20 x 20, window 10), in float32 /
+float16 / bfloat16, with strided q / k / v, a head dim that is not a multiple of 16 on the small layout, and
+left-padded text. Also checks that the backward is bitwise deterministic, that rows with no visible key give out =
+0, lse = +inf and zero gradients, and that bad arguments raise. The dense mask is built here the way CogVideo's code
+builds it (window partition of the rolled grid, region mask, tril or interpolation mask per window sequence),
+independently of the kernels' index rule. Tolerances: tests/utils.py TOLERANCES (the suite's one table). Prints max
+errors; exits 1 on any mismatch, and 0 with a "no GPU" message when CUDA is not available.
 """
 
 from __future__ import annotations

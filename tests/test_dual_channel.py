@@ -278,6 +278,15 @@ def test_triton_low_precision(mode, dtype, small_tiles):
     if DEVICE == "cpu" and dtype == torch.bfloat16:
         pytest.skip("bf16 tl.dot is wrong in the Triton interpreter: bf16 runs on a GPU only")
     _check_against_reference("triton", mode, dtype, grid=(4, 4), window=2, heads=1, dim=16, pad=PAD, device=DEVICE)
+    # and within 2x the error of the reference computed from the same low-precision inputs (DESIGN.md)
+    q, k, v = _inputs(2, 3 + 5 * 16, 1, 16, dtype, device=DEVICE)
+    args = (PAD, 3, 5, 4, 4, mode[0], mode[1], 2, mode[2], mode[3])
+    out = cogvideo_attention(q, k, v, text_len=3, frames=5, grid=4, channel=mode[0], attention=mode[1], window=2,
+                             shifted=mode[2], stage=mode[3], text_pad_mask=PAD.to(DEVICE), backend="triton")
+    low = cogvideo_attention_ref(q.cpu(), k.cpu(), v.cpu(), *args)[0]
+    exact = cogvideo_attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), *args)[0]
+    err, ref_err = (out.cpu().double() - exact).abs().max(), (low.double() - exact).abs().max()
+    assert out.dtype == dtype and err <= 2 * ref_err + 1e-4, (err, ref_err)
 
 
 @pytest.mark.parametrize("mode", [MODES[0], MODES[7]], ids=[MODE_IDS[0], MODE_IDS[7]])
@@ -357,6 +366,9 @@ def test_triton_forced_unsupported_raises():
     wide = torch.randn(1, 2 + 5 * 4, 1, 264)
     with pytest.raises(ValueError, match=r"head dim D=264 > 256"):
         cogvideo_attention(wide, wide, wide, **kw)
+    many = torch.randn(1, 2 + 5 * 4, 65536, 1)
+    with pytest.raises(ValueError, match=r"B\*H = 65536 > 65535"):
+        cogvideo_attention(many, many, many, **kw)
     with pytest.raises(ValueError, match=r"`triton` is not supported because:(.|\n)*dtype=float64"):
         dual_channel_mix(q[:, :, 0], q[:, :, 0], torch.zeros(4, dtype=torch.float64), text_len=2, backend="triton")
 

@@ -54,8 +54,11 @@ def _cuda_reasons(x, head_dim=None, **_):
 
 def _triton_reasons(x, head_dim=None, **_):
     why = _backend.triton_reasons(x.device) + _backend.dtype_reasons(x.dtype, _CUDA_DTYPES)
-    if head_dim is not None and head_dim > triton_kernels.MAX_HEAD_DIM:
-        why.append(f"head dim D={head_dim} > {triton_kernels.MAX_HEAD_DIM}")
+    if head_dim is not None:  # attention (x = q, (B, L, H, D))
+        if head_dim > triton_kernels.MAX_HEAD_DIM:
+            why.append(f"head dim D={head_dim} > {triton_kernels.MAX_HEAD_DIM}")
+        if x.dim() == 4 and x.shape[0] * x.shape[2] > triton_kernels.MAX_BATCH_HEADS:
+            why.append(f"B*H = {x.shape[0] * x.shape[2]} > {triton_kernels.MAX_BATCH_HEADS} (grid axis 1)")
     return why
 
 

@@ -48,15 +48,15 @@ only, so a skipped tile costs nothing there (no load, no test) and the cost foll
 ``tile_table`` returns those lists as a boolean (query tile, key tile) table (tests, benchmarks).
 
 Blocks: per kernel, padded head dim and dtype from _CONFIGS (fp16/bf16, D <= 64: forward 64 x 32, dK/dV 64 x 32,
-dQ 32 x 64 (query x key tokens), 4 warps), chosen so that ptxas reports no register spill; D padded to a power of
-two >= 16 (tl.dot's minimum; padded columns load 0 and are never stored). fp32 inputs use IEEE fp32 dots
-(input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32 accumulation. Not autotuned and not timed:
-nothing here has run on a GPU yet (the kernels compile for sm_80 / sm_90 and pass the interpreter tests).
+dQ 32 x 64 (query x key tokens), 4 warps, 3 stages), chosen so that ptxas reports no register spill within 99 KB
+of shared memory; D padded to a power of two >= 16 (tl.dot's minimum; padded columns load 0 and are never
+stored). fp32 inputs use IEEE fp32 dots (input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32
+accumulation. Not autotuned and not timed: nothing here has run on a GPU yet (the kernels compile for sm_80 /
+sm_86 / sm_90 and pass the interpreter tests).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -76,26 +76,27 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "HAS_TRITON", "cogvideo_attention_fwd_triton", "cogvideo_attention_bwd_triton", "dual_channel_mix_fwd_triton",
-    "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N", "MAX_HEAD_DIM",
+    "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N", "MAX_HEAD_DIM", "MAX_BATCH_HEADS",
 ]  # fmt: skip
 
-# Module-level so tests can shrink them (several tiles and the skip logic on tiny grids).
-# Tile sizes: (query tile, key tile, num_warps) per kernel, padded head dim and fp32 (IEEE dots) or not. Picked
-# without a GPU: the largest tiles for which ptxas (sm_80, triton 3.8) reports no register spill in the heaviest
-# mode (plus / window / interpolation) and that fit 99 KB of shared memory (sm_86 / sm_89). Not timed yet.
+# Launch configs: (query tile, key tile, num_warps, num_stages) per kernel, padded head dim and fp32 (IEEE dots) or
+# not. Picked without a GPU: the largest tiles for which ptxas (triton 3.8, sm_86) reports no register spill in
+# the heaviest mode (plus / window / interpolation) within the 99 KB of shared memory of an sm_86 / sm_89 block
+# (scripts/compile_check_dual_channel_triton.py). Not timed yet.
 _CONFIGS = {  # (ieee, D_PAD): (forward, dK/dV, dQ)
-    (False, 64): ((64, 32, 4), (64, 32, 4), (32, 64, 4)),
-    (False, 128): ((64, 64, 8), (16, 32, 4), (32, 64, 8)),
-    (False, 256): ((32, 32, 8), (16, 16, 4), (32, 32, 8)),
-    (True, 64): ((64, 32, 8), (32, 64, 8), (64, 32, 8)),
-    (True, 128): ((64, 32, 8), (32, 32, 8), (32, 32, 8)),
-    (True, 256): ((16, 16, 4), (16, 16, 4), (16, 16, 4)),
+    (False, 64): ((64, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)),
+    (False, 128): ((64, 64, 8, 3), (32, 32, 4, 3), (64, 64, 8, 3)),
+    (False, 256): ((32, 32, 8, 3), (16, 16, 4, 3), (32, 32, 8, 3)),
+    (True, 64): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
+    (True, 128): ((32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+    (True, 256): ((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
 }
 # Caps on the query / key tile of every kernel (module-level: tests shrink them to 16 so that tiny grids have
 # several tiles and the skip logic runs).
 BLOCK_M = 128
 BLOCK_N = 128
 MAX_HEAD_DIM = 256
+MAX_BATCH_HEADS = 65535  # B·H rides on grid axis 1 (query / key tiles on axis 0, so a head's tiles run together)
 MIX_BLOCK_R = 32  # rows per mix program (the alpha-gradient partial sums are per (row chunk, channel))
 MIX_BLOCK_C = 128  # channels per mix program
 _LOG2E = 1.4426950408889634
@@ -239,9 +240,10 @@ if HAS_TRITON:
     def _tile_list_kernel(
         list_ptr,  # (rows, cols) int32: row r's column tiles that may hold a visible pair, in its first count[r] slots
         count_ptr,  # (rows,) int32
-        L, cols, text_len, frame_size, grid_h, grid_w, window, shift,
-        CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr,
-        ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,
+        L, cols,  # sequence length; column tiles cdiv(L, COL_BLOCK) (= the row stride of list)
+        text_len, frame_size, grid_h, grid_w, window, shift,  # layout (frame_size = grid_h·grid_w; shift 0 or w/2)
+        CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr,  # 0/1 codes: base/plus, full/window...
+        ROW_BLOCK: tl.constexpr, COL_BLOCK: tl.constexpr, ROWS_ARE_KEYS: tl.constexpr,  # tile sizes; rows = keys?
     ):  # fmt: skip
         """The pre-pass of every attention launch: one program per row tile (query tiles, or key tiles for the
         dK/dV kernel) runs the tile test against every column tile. The attention kernels then loop over their
@@ -342,15 +344,15 @@ if HAS_TRITON:
     @triton.jit
     def _cogvideo_fwd_kernel(
         q_ptr, k_ptr, v_ptr,  # (B, L, H, D) q.dtype, strides (s_b, s_l, s_h) each, stride(-1) == 1
-        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,
+        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,  # element strides of dims 0, 1, 2
         pad_ptr,  # (B, text_len) uint8, 1 = real text token; a dummy when HAS_PAD is false
         list_ptr, count_ptr,  # (cdiv(L, BLOCK_M), cols) / (cdiv(L, BLOCK_M),) int32: key tiles per query tile
         out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr,  # (B, L, H) fp32 contiguous, natural log; +inf for rows with no visible key
-        L, H, D, cols, qk_scale,  # qk_scale = D^-1/2 · log2(e)
-        text_len, frame_size, grid_w, window, shift,
+        L, H, D, cols, qk_scale,  # sizes; list row stride; qk_scale = D^-1/2 · log2(e)
+        text_len, frame_size, grid_w, window, shift,  # layout (see _tile_list_kernel)
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,  # tiles, padded D
     ):  # fmt: skip
         tile = tl.program_id(0)
         q_lo = tile * BLOCK_M
@@ -384,7 +386,7 @@ if HAS_TRITON:
     def _cogvideo_bwd_delta_kernel(
         out_ptr, grad_out_ptr,  # (B, L, H, D) contiguous
         delta_ptr,  # (B, L, H) fp32 contiguous: delta = rowsum(dO ∘ O)
-        L, H, D, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+        L, H, D, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,  # sizes, rows per program, padded D
     ):  # fmt: skip
         first = tl.program_id(0) * BLOCK_M
         bh = tl.program_id(1)
@@ -405,16 +407,16 @@ if HAS_TRITON:
     @triton.jit
     def _cogvideo_bwd_dkdv_kernel(
         q_ptr, k_ptr, v_ptr,  # (B, L, H, D) q.dtype, strides (s_b, s_l, s_h) each, stride(-1) == 1
-        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,
+        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,  # element strides of dims 0, 1, 2
         grad_out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr, delta_ptr,  # (B, L, H) fp32 contiguous
         pad_ptr,  # (B, text_len) uint8 or a dummy
         list_ptr, count_ptr,  # (cdiv(L, BLOCK_N), cols) / (cdiv(L, BLOCK_N),) int32: query tiles per key tile
         dk_ptr, dv_ptr,  # (B, L, H, D) q.dtype contiguous
-        L, H, D, cols, scale, qk_scale,  # scale = D^-1/2, qk_scale = scale · log2(e)
-        text_len, frame_size, grid_w, window, shift,
+        L, H, D, cols, scale, qk_scale,  # sizes; list row stride; scale = D^-1/2, qk_scale = scale · log2(e)
+        text_len, frame_size, grid_w, window, shift,  # layout (see _tile_list_kernel)
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,  # tiles, padded D
     ):  # fmt: skip
         """One key tile; loops over the query tiles that may see it, on transposed (key, query) tiles."""
         tile = tl.program_id(0)
@@ -444,16 +446,16 @@ if HAS_TRITON:
     @triton.jit
     def _cogvideo_bwd_dq_kernel(
         q_ptr, k_ptr, v_ptr,  # (B, L, H, D) q.dtype, strides (s_b, s_l, s_h) each, stride(-1) == 1
-        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,
+        qs_b, qs_l, qs_h, ks_b, ks_l, ks_h, vs_b, vs_l, vs_h,  # element strides of dims 0, 1, 2
         grad_out_ptr,  # (B, L, H, D) q.dtype contiguous
         lse_ptr, delta_ptr,  # (B, L, H) fp32 contiguous
         pad_ptr,  # (B, text_len) uint8 or a dummy
         list_ptr, count_ptr,  # (cdiv(L, BLOCK_M), cols) / (cdiv(L, BLOCK_M),) int32: key tiles per query tile
         dq_ptr,  # (B, L, H, D) q.dtype contiguous
-        L, H, D, cols, scale, qk_scale,
-        text_len, frame_size, grid_w, window, shift,
+        L, H, D, cols, scale, qk_scale,  # as the dK/dV kernel
+        text_len, frame_size, grid_w, window, shift,  # layout (see _tile_list_kernel)
         CHANNEL: tl.constexpr, ATTENTION: tl.constexpr, STAGE: tl.constexpr, HAS_PAD: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,  # tiles, padded D
     ):  # fmt: skip
         """One query tile; loops over the key tiles it may see (as the forward)."""
         tile = tl.program_id(0)
@@ -491,7 +493,7 @@ if HAS_TRITON:
         alpha_logit_ptr,  # (C,) contiguous, any float dtype
         y_ptr,  # (B, L, C) contiguous, o_base.dtype
         rows_total, L, C, text_len,  # rows_total = B · L
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # rows x channels per program
     ):  # fmt: skip
         rows, cols, offs, mask = _mix_tile(rows_total, C, BLOCK_R, BLOCK_C)
         alpha = tl.sigmoid(tl.load(alpha_logit_ptr + cols, mask=cols < C, other=0.0).to(tl.float32))[None, :]
@@ -507,8 +509,8 @@ if HAS_TRITON:
         alpha_logit_ptr,  # (C,) contiguous
         d_base_ptr, d_plus_ptr,  # (B, L, C) contiguous, o_base.dtype
         d_alpha_partial_ptr,  # (cdiv(B·L, BLOCK_R), C) fp32: this program's rows' share of d alpha_logit
-        rows_total, L, C, text_len,
-        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        rows_total, L, C, text_len,  # rows_total = B · L
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,  # rows x channels per program
     ):  # fmt: skip
         rows, cols, offs, mask = _mix_tile(rows_total, C, BLOCK_R, BLOCK_C)
         alpha = tl.sigmoid(tl.load(alpha_logit_ptr + cols, mask=cols < C, other=0.0).to(tl.float32))
@@ -567,10 +569,12 @@ _FWD, _DKDV, _DQ = range(3)
 
 
 def _config(kernel: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Launch constants of one attention kernel: BLOCK_M (query tile), BLOCK_N (key tile), D_PAD, num_warps."""
+    """Launch constants of one attention kernel: BLOCK_M (query tile), BLOCK_N (key tile), D_PAD, num_warps,
+    num_stages."""
     d_pad = max(16, next_pow2(head_dim))
-    block_m, block_n, num_warps = _CONFIGS[(dtype == torch.float32, max(64, d_pad))][kernel]
-    return dict(BLOCK_M=min(block_m, BLOCK_M), BLOCK_N=min(block_n, BLOCK_N), D_PAD=d_pad, num_warps=num_warps)
+    block_m, block_n, num_warps, num_stages = _CONFIGS[(dtype == torch.float32, max(64, d_pad))][kernel]
+    return dict(BLOCK_M=min(block_m, BLOCK_M), BLOCK_N=min(block_n, BLOCK_N), D_PAD=d_pad, num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -580,6 +584,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"cogvideo_attention triton backend: dtype {q.dtype} not supported (fp32, fp16, bf16)")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"cogvideo_attention triton backend: head dim D={q.shape[-1]} > {MAX_HEAD_DIM}")
+    if q.shape[0] * q.shape[2] > MAX_BATCH_HEADS:
+        raise ValueError(f"cogvideo_attention triton backend: B*H = {q.shape[0] * q.shape[2]} > {MAX_BATCH_HEADS}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.stride(-1) != 1 and x.shape[-1] > 1:
             raise ValueError(f"cogvideo_attention triton backend: {name} needs stride(-1) == 1, got {x.stride()}")
