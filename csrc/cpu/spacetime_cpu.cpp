@@ -69,11 +69,6 @@ struct View5 {
   }
 };
 
-template <typename scalar_t, typename acc_t>
-TORCHNOVA_INLINE void load_row(const scalar_t* src, acc_t* dst, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
-}
-
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 5, op, ": q must have shape (B, T, S, H, D), got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, ": k and v must have q's shape ", q.sizes(),
