@@ -12,8 +12,10 @@ from torchnova.mesa.reference import mesa_kl_rows_ref
 
 
 def small_model():
+    # ReLU before BatchNorm: a Linear bias straight into a training-mode BatchNorm has an exactly zero gradient (BN
+    # subtracts the batch mean), so whether SGD moves it would depend on the BLAS's rounding.
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 5))
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 5))
 
 
 def train_step(model, optimizer, x, y, extra=None):
