@@ -17,7 +17,20 @@
 // spatial: one problem per (b, t, h), a sequence over the S tokens of a frame, no mask, no bias.
 // spatial_attention_fwd -> out (B, T, S, H, D) q.dtype, lse (B, T, S, H) acc
 // spatial_attention_bwd -> dq, dk, dv (B, T, S, H, D) q.dtype
+//
+// qkv-packed variants (flash-attn's *_qkvpacked_func): qkv (B, T, S, 3, H, D), e.g. the output of one fused qkv
+// projection viewed so; q, k, v = qkv[:, :, :, 0/1/2]. The forwards return what the unpacked ones do; the
+// backwards return one contiguous dqkv (B, T, S, 3, H, D) instead of dq, dk, dv, so autograd needs no
+// torch.stack of the three gradients (a copy of 3 x the input plus a fresh allocation).
+// temporal_attention_qkvpacked_fwd -> out, lse;  temporal_attention_qkvpacked_bwd -> dqkv, dbias
+// spatial_attention_qkvpacked_fwd -> out, lse;   spatial_attention_qkvpacked_bwd -> dqkv
+// The CPU kernels write dqkv directly; on other devices (CUDA) the CompositeExplicitAutograd kernels below call
+// the unpacked ops and stack their gradients (the CUDA kernels write contiguous dq, dk, dv).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 TORCH_LIBRARY_FRAGMENT(torchnova, m) {
   m.def(
@@ -31,4 +44,79 @@ TORCH_LIBRARY_FRAGMENT(torchnova, m) {
   m.def(
       "spatial_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "temporal_attention_qkvpacked_fwd(Tensor qkv, Tensor? bias, Tensor? segment_ids, bool causal, float scale) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_qkvpacked_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? bias, "
+      "Tensor? segment_ids, bool causal, float scale, bool needs_bias_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def("spatial_attention_qkvpacked_fwd(Tensor qkv, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "spatial_attention_qkvpacked_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor");
+}
+
+namespace {
+
+using OptTensor = c10::optional<at::Tensor>;
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> torchnova_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_fwd(const at::Tensor& qkv, const OptTensor& bias,
+                                                          const OptTensor& segment_ids, bool causal, double scale) {
+  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "temporal_attention_qkvpacked_fwd: qkv must have shape "
+              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double)>(
+      "torchnova::temporal_attention_fwd");
+  return fwd.call(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), bias, segment_ids, causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                          const at::Tensor& out, const at::Tensor& lse,
+                                                          const OptTensor& bias, const OptTensor& segment_ids,
+                                                          bool causal, double scale, bool needs_bias_grad,
+                                                          bool deterministic) {
+  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "temporal_attention_qkvpacked_bwd: qkv must have shape "
+              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, bool)>(
+      "torchnova::temporal_attention_bwd");
+  auto [dq, dk, dv, dbias] = bwd.call(grad_out, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, bias,
+                                      segment_ids, causal, scale, needs_bias_grad, deterministic);
+  return {at::stack({dq, dk, dv}, 3), dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_qkvpacked_fwd(const at::Tensor& qkv, double scale) {
+  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "spatial_attention_qkvpacked_fwd: qkv must have shape "
+              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                          const at::Tensor&, double)>(
+      "torchnova::spatial_attention_fwd");
+  return fwd.call(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), scale);
+}
+
+at::Tensor spatial_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                 const at::Tensor& lse, double scale) {
+  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "spatial_attention_qkvpacked_bwd: qkv must have shape "
+              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, double)>("torchnova::spatial_attention_bwd");
+  auto [dq, dk, dv] = bwd.call(grad_out, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, scale);
+  return at::stack({dq, dk, dv}, 3);
+}
+
+}  // namespace
+
+// Every device: the forwards run the unpacked kernels on views; the backwards stack (CPU overrides them with
+// kernels that write dqkv directly, csrc/cpu/spacetime_*_cpu.cpp).
+TORCH_LIBRARY_IMPL(torchnova, CompositeExplicitAutograd, m) {
+  m.impl("temporal_attention_qkvpacked_fwd", &temporal_qkvpacked_fwd);
+  m.impl("temporal_attention_qkvpacked_bwd", &temporal_qkvpacked_bwd);
+  m.impl("spatial_attention_qkvpacked_fwd", &spatial_qkvpacked_fwd);
+  m.impl("spatial_attention_qkvpacked_bwd", &spatial_qkvpacked_bwd);
 }

@@ -14,6 +14,9 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
+
+#include "cpu/cpu_dispatch.h"
 
 #ifndef TORCHNOVA_CUDA_ARCHS
 #define TORCHNOVA_CUDA_ARCHS none
@@ -42,6 +45,20 @@ PYBIND11_MODULE(_C, module) {
 #else
     info["openmp"] = false;
 #endif
+    info["cpu_isa"] = std::string(torchnova::cpu::kIsaNames[torchnova::cpu::supported_isa()]);
     return info;
+  });
+  // Which compiled copy of the CPU kernels runs (csrc/cpu/cpu_dispatch.h): tests run every copy the CPU has.
+  module.def("cpu_isa", []() { return std::string(torchnova::cpu::kIsaNames[torchnova::cpu::active_isa()]); });
+  module.def("cpu_isas", []() {
+    std::vector<std::string> names;
+    for (int isa = 0; isa <= torchnova::cpu::supported_isa(); ++isa) names.emplace_back(torchnova::cpu::kIsaNames[isa]);
+    return names;
+  });
+  module.def("set_cpu_isa", [](const std::string& name) {
+    const int isa = torchnova::cpu::isa_from_name(name.c_str());
+    TORCH_CHECK_VALUE(isa >= 0, "set_cpu_isa: name must be one of baseline, avx2, avx512, got '", name, "'");
+    TORCH_CHECK_VALUE(torchnova::cpu::set_active_isa(isa), "set_cpu_isa: this CPU does not support ", name,
+                      " (best: ", torchnova::cpu::kIsaNames[torchnova::cpu::supported_isa()], ")");
   });
 }

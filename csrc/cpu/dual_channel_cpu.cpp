@@ -187,7 +187,8 @@ void attention_fwd_kernel(const Layout& layout, const scalar_t* q,  // (B, L, H,
   const auto& tiles = *tiles_ptr;
   const auto present = present_words(key_present, B, L);
   const int64_t blocks = (L + kBlock - 1) / kBlock, ldk = cpu::transposed_ld<acc_t>(L);
-  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
+  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end, auto isa) TORCHNOVA_LAMBDA_INLINE {
+    constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
     std::vector<acc_t> qb(L * D), kb(L * D), vb(L * D), kt(D * ldk), ob(kBlock * D), scores(kBlock * kBlock),
         row_max(kBlock), row_sum(kBlock);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -203,11 +204,11 @@ void attention_fwd_kernel(const Layout& layout, const scalar_t* q,  // (B, L, H,
         std::fill(ob.begin(), ob.end(), acc_t(0));
         for (const TileMask& tile : tiles[qblock]) {
           const int64_t n0 = int64_t(tile.key_block) * kBlock, cols = std::min<int64_t>(kBlock, L - n0);
-          cpu::gemm(rows, cols, D, qb.data() + m0 * D, D, kt.data() + n0, ldk, scores.data(), kBlock, scale);
+          cpu::gemm<W>(rows, cols, D, qb.data() + m0 * D, D, kt.data() + n0, ldk, scores.data(), kBlock, scale);
           mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, scores.data(), kBlock);
           cpu::online_softmax_tile(scores.data(), kBlock, rows, cols, row_max.data(), row_sum.data(), ob.data(), D,
                                    D);
-          cpu::gemm(rows, D, cols, scores.data(), kBlock, vb.data() + n0 * D, D, ob.data(), D, acc_t(1),
+          cpu::gemm<W>(rows, D, cols, scores.data(), kBlock, vb.data() + n0 * D, D, ob.data(), D, acc_t(1),
                     /*accumulate=*/true);
         }
         for (int64_t r = 0; r < rows; ++r) {
@@ -238,7 +239,8 @@ void attention_bwd_kernel(const Layout& layout, const scalar_t* dout,  // (B, L,
   const auto& tiles = *tiles_ptr;
   const auto present = present_words(key_present, B, L);
   const int64_t blocks = (L + kBlock - 1) / kBlock, ldk = cpu::transposed_ld<acc_t>(L);
-  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end) TORCHNOVA_LAMBDA_INLINE {
+  cpu::parallel_for_isa(B * H, 1, [&](int64_t begin, int64_t end, auto isa) TORCHNOVA_LAMBDA_INLINE {
+    constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
     std::vector<acc_t> qb(L * D), kb(L * D), vb(L * D), gb(L * D), ob(L * D), kt(D * ldk), vt(D * ldk), dkb(L * D),
         dvb(L * D), dqb(kBlock * D), probs(kBlock * kBlock), dscores(kBlock * kBlock), delta(kBlock),
         row_lse(kBlock);
@@ -265,15 +267,15 @@ void attention_bwd_kernel(const Layout& layout, const scalar_t* dout,  // (B, L,
         std::fill(dqb.begin(), dqb.end(), acc_t(0));
         for (const TileMask& tile : tiles[qblock]) {
           const int64_t n0 = int64_t(tile.key_block) * kBlock, cols = std::min<int64_t>(kBlock, L - n0);
-          cpu::gemm(rows, cols, D, q_rows, D, kt.data() + n0, ldk, probs.data(), kBlock, scale);  // scale Q K^T
+          cpu::gemm<W>(rows, cols, D, q_rows, D, kt.data() + n0, ldk, probs.data(), kBlock, scale);  // scale Q K^T
           mask_tile(tile, present[b * blocks + tile.key_block], rows, cols, probs.data(), kBlock);
-          cpu::gemm(rows, cols, D, g_rows, D, vt.data() + n0, ldk, dscores.data(), kBlock);  // dP = dO V^T
+          cpu::gemm<W>(rows, cols, D, g_rows, D, vt.data() + n0, ldk, dscores.data(), kBlock);  // dP = dO V^T
           cpu::softmax_grad_tile(probs.data(), dscores.data(), kBlock, rows, cols, row_lse.data(), delta.data());
-          cpu::gemm<acc_t, true>(cols, D, rows, probs.data(), kBlock, g_rows, D, dvb.data() + n0 * D, D, acc_t(1),
+          cpu::gemm<W, true>(cols, D, rows, probs.data(), kBlock, g_rows, D, dvb.data() + n0 * D, D, acc_t(1),
                                  true);  // dV += P^T dO
-          cpu::gemm<acc_t, true>(cols, D, rows, dscores.data(), kBlock, q_rows, D, dkb.data() + n0 * D, D, scale,
+          cpu::gemm<W, true>(cols, D, rows, dscores.data(), kBlock, q_rows, D, dkb.data() + n0 * D, D, scale,
                                  true);  // dK += scale dS^T Q
-          cpu::gemm(rows, D, cols, dscores.data(), kBlock, kb.data() + n0 * D, D, dqb.data(), D, acc_t(1),
+          cpu::gemm<W>(rows, D, cols, dscores.data(), kBlock, kb.data() + n0 * D, D, dqb.data(), D, acc_t(1),
                     true);  // dQ += dS K
         }
         for (int64_t r = 0; r < rows; ++r) {

@@ -1,5 +1,6 @@
-// Small dense matrix products for the CPU attention kernels: register-blocked, no packing, inlined into both
-// ISA copies of cpu_dispatch.h (8-wide float / 4-wide double vectors under AVX2+FMA).
+// Small dense matrix products for the CPU attention kernels: register-blocked, no packing, inlined into every
+// ISA copy of cpu_dispatch.h. W is the vector width in bytes of the copy (IsaX::kVectorBytes): 16 (4 floats,
+// SSE2), 32 (8 floats / 4 doubles, AVX2) or 64 (16 floats / 8 doubles, AVX-512).
 //
 //   C[M x N] = alpha * op(A)[M x K] . B[K x N]   (+ C when accumulate)
 //   op(A) = A, stored M x K with row stride lda, or (kTransA) the transpose of A stored K x M with row stride lda
@@ -8,9 +9,11 @@
 //
 // The tiles of attention are small (T x T x D for temporal attention, a 64-row query block against a few
 // hundred keys for spatial), far below the sizes where BLAS packing pays off, and a BLAS call per tile costs
-// more than the tile. So: a 6 x (2 vectors) register tile (12 accumulators + 2 B vectors + 1 broadcast fit the
-// 16 AVX2 registers, the BLIS Haswell shape), B read straight from its rows, A broadcast one element at a time.
-// Edges: fewer rows use a smaller tile; a one-vector column strip, then scalar columns.
+// more than the tile. So: an MR x (2 vectors) register tile, B read straight from its rows, A broadcast one
+// element at a time. MR = 6 for 16- and 32-byte vectors (12 accumulators + 2 B vectors + 1 broadcast fit the 16
+// SSE/AVX2 registers, the BLIS Haswell shape) and 12 for 64-byte ones (24 + 2 + 1 of AVX-512's 32, the BLIS SKX
+// shape). Edges: fewer rows use tiles of 8/4/2/1 rows; a one-vector column strip, then (W = 64) a 32-byte
+// strip, then scalar columns.
 //
 // transpose(): dst[c * ldd + r] = src[r * lds + c], 8 x 8 float blocks through vector shuffles (the B operand of
 // Q K^T needs the keys along its rows).
@@ -25,19 +28,13 @@
 namespace torchnova {
 namespace cpu {
 
-template <typename T>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
+template <typename T, int W>
+struct Vec {
+  typedef T type __attribute__((vector_size(W)));
 };
 
-constexpr int kGemmRows = 6;  // rows of the register tile
-
+// Padding unit of the kernels' staged layouts (key columns, transposed rows): one 32-byte vector, which keeps
+// the layouts the same in every ISA copy (the 64-byte copy covers a trailing half vector with a 32-byte strip).
 template <typename T>
 constexpr int64_t kVectorLanes = 32 / sizeof(T);
 
@@ -57,14 +54,18 @@ TORCHNOVA_INLINE void convert_row(const S* src, int64_t n, T* dst) {
   for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);
 }
 
-// One MR x (NV vectors) tile of C over the whole K.
-template <typename T, int MR, int NV, bool kTransA>
+// Rows of the full register tile for W-byte vectors.
+template <int W>
+constexpr int kTileRows = W == 64 ? 12 : 6;
+
+// One MR x (NV vectors of W bytes) tile of C over the whole K.
+template <typename T, int W, int MR, int NV, bool kTransA>
 TORCHNOVA_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc,
                                 T alpha, bool accumulate) {
-  using V = typename Vec32<T>::type;
-  constexpr int L = sizeof(V) / sizeof(T);
+  using V = typename Vec<T, W>::type;
+  constexpr int L = W / sizeof(T);
   V acc[MR][NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[r][v] = V{};
@@ -73,14 +74,14 @@ TORCHNOVA_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, 
     V b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + v * L, sizeof(V));
-#pragma GCC unroll 8
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const T a = kTransA ? A[k * lda + r] : A[r * lda + k];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 12
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
@@ -96,37 +97,56 @@ TORCHNOVA_INLINE void gemm_tile(int64_t K, const T* A, int64_t lda, const T* B, 
   }
 }
 
-// All rows of one column strip of NV vectors.
-template <typename T, int NV, bool kTransA>
+// All rows of one column strip of NV vectors of W bytes.
+template <typename T, int W, int NV, bool kTransA>
 TORCHNOVA_INLINE void gemm_strip(int64_t M, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                                  int64_t ldc, T alpha, bool accumulate) {
-  int64_t m0 = 0;
+  constexpr int MR = kTileRows<W>;
   const auto a_at = [&](int64_t m) { return kTransA ? A + m : A + m * lda; };
-  for (; m0 + kGemmRows <= M; m0 += kGemmRows) {
-    gemm_tile<T, kGemmRows, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
+  int64_t m0 = 0;
+  for (; m0 + MR <= M; m0 += MR) {
+    gemm_tile<T, W, MR, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
   }
-  switch (M - m0) {
-    case 5: gemm_tile<T, 5, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate); break;
-    case 4: gemm_tile<T, 4, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate); break;
-    case 3: gemm_tile<T, 3, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate); break;
-    case 2: gemm_tile<T, 2, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate); break;
-    case 1: gemm_tile<T, 1, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate); break;
-    default: break;
+  // The last M % MR rows as 8 (only below a 12-row tile: 16 accumulators do not fit 16 AVX2 registers), 4, 2, 1.
+  if constexpr (MR > 8) {
+    if (M - m0 >= 8) {
+      gemm_tile<T, W, 8, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
+      m0 += 8;
+    }
   }
+  if (M - m0 >= 4) {
+    gemm_tile<T, W, 4, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
+    m0 += 4;
+  }
+  if (M - m0 >= 2) {
+    gemm_tile<T, W, 2, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
+    m0 += 2;
+  }
+  if (M - m0 >= 1) gemm_tile<T, W, 1, NV, kTransA>(K, a_at(m0), lda, B, ldb, C + m0 * ldc, ldc, alpha, accumulate);
 }
 
-// C = alpha * op(A) . B (+ C): see the file header for the shapes and strides.
-template <typename T, bool kTransA = false>
+// C = alpha * op(A) . B (+ C) with W-byte vectors: see the file header for the shapes and strides.
+template <int W, bool kTransA = false, typename T>
 TORCHNOVA_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                            int64_t ldc, T alpha = T(1), bool accumulate = false) {
-  constexpr int L = 32 / sizeof(T);
+  static_assert(W == 16 || W == 32 || W == 64, "vector width: 16, 32 or 64 bytes");
+  constexpr int L = W / sizeof(T);
   int64_t n0 = 0;
   for (; n0 + 2 * L <= N; n0 += 2 * L) {
-    gemm_strip<T, 2, kTransA>(M, K, A, lda, B + n0, ldb, C + n0, ldc, alpha, accumulate);
+    gemm_strip<T, W, 2, kTransA>(M, K, A, lda, B + n0, ldb, C + n0, ldc, alpha, accumulate);
   }
-  for (; n0 + L <= N; n0 += L) gemm_strip<T, 1, kTransA>(M, K, A, lda, B + n0, ldb, C + n0, ldc, alpha, accumulate);
+  for (; n0 + L <= N; n0 += L) {
+    gemm_strip<T, W, 1, kTransA>(M, K, A, lda, B + n0, ldb, C + n0, ldc, alpha, accumulate);
+  }
+  if constexpr (W == 64) {  // a trailing half vector
+    constexpr int L32 = 32 / sizeof(T);
+    if (n0 + L32 <= N) {
+      gemm_strip<T, 32, 1, kTransA>(M, K, A, lda, B + n0, ldb, C + n0, ldc, alpha, accumulate);
+      n0 += L32;
+    }
+  }
   if (n0 == N) return;
-  for (int64_t m = 0; m < M; ++m) {  // the last N % L columns
+  for (int64_t m = 0; m < M; ++m) {  // the last N % (min(W, 32) bytes) columns
     for (int64_t n = n0; n < N; ++n) {
       T sum = 0;
       for (int64_t k = 0; k < K; ++k) sum += (kTransA ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];

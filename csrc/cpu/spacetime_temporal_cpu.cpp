@@ -1,0 +1,369 @@
+// Temporal attention (Video Diffusion Models), CPU kernels (the "cpp" backend). Schemas: csrc/spacetime_ops.cpp.
+//
+// Layout (B, T, S, H, D); q, k, v any strides with stride(-1) == 1; out contiguous; gradients contiguous or
+// packed into one (B, T, S, 3, H, D) dqkv (spacetime_cpu.h).
+//
+// One problem per (b, s, h), a sequence over the T frames (a huge batch of tiny problems):
+//   s_ij = scale * q_i . k_j + bias[h, i, j]        visible(i, j) = seg[b,i] == seg[b,j] && (!causal || j <= i)
+//   lse_i = log sum_{j visible} exp(s_ij),  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
+// backward (P recomputed from lse):
+//   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
+//   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dO_i,
+//   dbias[h, i, j] = sum over all (b, s) problems of dS_ij
+// Work items are (b, s) pairs: their T x H x D blocks of q, k, v (and dO in backward) are copied to thread-local
+// buffers in the accumulation type (contiguous H*D runs per frame, so the loads stream; outputs of the
+// accumulation type are written in place by the products, others staged and converted), and the item's H problems
+// run on them as small register-blocked matrix products (tile_gemm.h): S = scale Q K^T (K^T transposed by 8 x 8
+// shuffles), a vectorized softmax per row with the bias and the mask as one additive (H, T, Tp) tile (-inf where
+// invisible), O = P V; backward dP = dO V^T, dV = P^T dO, dQ = scale dS K, dK = scale dS^T Q. at::parallel_for
+// over items; the AVX-512, AVX2+FMA or baseline copy chosen at runtime (cpu_dispatch.h).
+// dbias is reduced deterministically: items are cut into a number of chunks that depends only on the
+// item count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
+// are added in chunk order, so two runs give bit-identical results on any machine. The backward takes
+// delta_i = sum_j P_ij dP_ij, equal to dO_i . O_i (O_i = sum_j P_ij v_j) but computed from the tile already in
+// registers: the kernel is memory-bound, and this spares reading O, one of its input streams.
+//
+// float32 / float16 / bfloat16 inputs accumulate in float32; float64 in double (the gradcheck path).
+#include <torch/extension.h>
+
+#include "cpu_dispatch.h"
+#include "cpu_math.h"
+#include "spacetime_cpu.h"
+#include "tile_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace torchnova {
+namespace {
+
+using spacetime::acc_type;
+using spacetime::check_bwd_inputs;
+using spacetime::check_qkv;
+using spacetime::GradOutputs;
+using spacetime::GradTensors;
+using spacetime::Rows;
+using spacetime::View5;
+
+constexpr int64_t kMaxBiasChunks = 256;
+
+// Row stride of a staged item: H*D plus one cache line, so the T frames do not share cache sets.
+TORCHNOVA_INLINE int64_t staged_ld(int64_t HD) { return HD + 16; }
+
+struct TemporalMask {
+  const int64_t* seg;  // (B, T) or nullptr
+  bool causal;
+  int64_t T;
+  TORCHNOVA_INLINE bool visible(int64_t b, int64_t i, int64_t j) const {
+    if (causal && j > i) return false;
+    return seg == nullptr || seg[b * T + i] == seg[b * T + j];
+  }
+};
+
+void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& segment_ids) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(3);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == H && bias->size(1) == T && bias->size(2) == T, op,
+                ": bias must have shape (H, T, T) = (", H, ", ", T, ", ", T, "), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == acc_type(q.scalar_type()) && bias->is_contiguous() && bias->device().is_cpu(),
+                op, ": bias must be a contiguous CPU ", acc_type(q.scalar_type()), " tensor, got ",
+                bias->scalar_type());
+  }
+  if (segment_ids.has_value()) {
+    TORCH_CHECK(segment_ids->dim() == 2 && segment_ids->size(0) == B && segment_ids->size(1) == T, op,
+                ": segment_ids must have shape (B, T) = (", B, ", ", T, "), got ", segment_ids->sizes());
+    TORCH_CHECK(segment_ids->scalar_type() == at::kLong && segment_ids->is_contiguous() &&
+                    segment_ids->device().is_cpu(),
+                op, ": segment_ids must be a contiguous CPU int64 tensor, got ", segment_ids->scalar_type());
+  }
+}
+
+// The T x H rows of temporal item (b, s): H*D contiguous elements per frame (when sh == D), S*H*D apart.
+template <typename acc_t, typename scalar_t>
+TORCHNOVA_INLINE Rows<const acc_t> item_rows(const View5<scalar_t>& x, int64_t b, int64_t s, int64_t T, int64_t H,
+                                             int64_t D, acc_t* staging) {
+  const int64_t ld = staged_ld(H * D);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) cpu::convert_row(x.row(b, t, s, h), D, staging + t * ld + h * D);
+  }
+  return {staging, ld, D};
+}
+
+// Where the products of item (b, s) write one output, whose token (b, t, s) starts at
+// out + ((b * T + t) * S + s) * token_stride (H*D for a (B, T, S, H, D) tensor, 3*H*D for a slice of dqkv):
+// straight into it when it has the accumulation type (each product tile is stored once, so its rows lying
+// S*token_stride apart costs nothing; measured ~10 % off the forward), else into a staging buffer that store()
+// converts (fp16/bf16).
+template <typename acc_t, typename scalar_t>
+struct ItemOutput {
+  static constexpr bool kDirect = std::is_same_v<acc_t, scalar_t>;
+  Rows<acc_t> rows;
+  scalar_t* out;
+  int64_t token_stride, b, s, T, S, HD;
+
+  TORCHNOVA_INLINE ItemOutput(scalar_t* out_, int64_t token_stride_, int64_t b_, int64_t s_, int64_t T_, int64_t S_,
+                              int64_t H, int64_t D, acc_t* staging)
+      : out(out_), token_stride(token_stride_), b(b_), s(s_), T(T_), S(S_), HD(H * D) {
+    if constexpr (kDirect) {
+      rows = {out + (b * T * S + s) * token_stride, S * token_stride, D};
+    } else {
+      rows = {staging, staged_ld(HD), D};
+    }
+  }
+
+  TORCHNOVA_INLINE void store() const {
+    if constexpr (kDirect) return;
+    for (int64_t t = 0; t < T; ++t) {
+      scalar_t* dst = out + ((b * T + t) * S + s) * token_stride;
+      const acc_t* src = rows.p + t * rows.ld_t;
+#pragma omp simd
+      for (int64_t e = 0; e < HD; ++e) dst[e] = static_cast<scalar_t>(src[e]);
+    }
+  }
+};
+
+// Keys are padded to Tp (a multiple of the vector width) columns: the padded columns of K^T stay zero and
+// their additive term is -inf, so they get probability 0 and never change a sum.
+// additive[(h * T + i) * Tp + j] = bias[h, i, j] (or 0) where key j is visible to query i in batch b, else -inf.
+template <typename acc_t>
+void build_additive(const acc_t* bias, const TemporalMask& mask, int64_t b, int64_t H, int64_t T, int64_t Tp,
+                    acc_t* additive) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < T; ++i) {
+      acc_t* row = additive + (h * T + i) * Tp;
+      for (int64_t j = 0; j < Tp; ++j) {
+        const bool visible = j < T && mask.visible(b, i, j);
+        row[j] = visible ? (bias ? bias[(h * T + i) * T + j] : acc_t(0)) : neg_inf;
+      }
+    }
+  }
+}
+
+// In place: row = softmax(row + additive) over n columns; returns the log-sum-exp. The row max is finite (the
+// diagonal is always visible), masked entries (-inf) give exactly 0.
+template <typename acc_t>
+TORCHNOVA_INLINE acc_t softmax_row(acc_t* row, const acc_t* additive, int64_t n) {
+  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : row_max)
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] += additive[j];
+    row_max = row[j] > row_max ? row[j] : row_max;
+  }
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    row[j] = cpu::exp_nonpositive(row[j] - row_max);
+    sum += row[j];
+  }
+  const acc_t inv = acc_t(1) / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+  return row_max + std::log(sum);
+}
+
+// Per-thread cache of the additive tile: rebuilt when the batch index changes and segment ids make it depend on b.
+template <typename acc_t>
+struct AdditiveTile {
+  std::vector<acc_t> data;
+  int64_t built_for = -1;
+  const acc_t* get(const acc_t* bias, const TemporalMask& mask, int64_t b, int64_t H, int64_t T, int64_t Tp) {
+    if (built_for < 0 || (mask.seg != nullptr && built_for != b)) {
+      data.resize(H * T * Tp);
+      build_additive(bias, mask, b, H, T, Tp, data.data());
+      built_for = b;
+    }
+    return data.data();
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* bias,
+                       const TemporalMask& mask, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
+  const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
+  const View5<scalar_t> qv(q), kv(k), vv(v);
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  acc_t* lse_p = lse.data_ptr<acc_t>();
+  const int64_t staged = T * staged_ld(HD);
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(T * T * HD, 1));
+  cpu::parallel_for_isa(B * S, grain, [&](int64_t lo, int64_t hi, auto isa) TORCHNOVA_LAMBDA_INLINE {
+    constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
+    const int64_t out_staged = ItemOutput<acc_t, scalar_t>::kDirect ? 0 : staged;
+    std::vector<acc_t> qb(staged), kb(staged), vb(staged), ob(out_staged), kt(D * Tp), probs(T * Tp);
+    AdditiveTile<acc_t> additive;
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t b = item / S, s = item % S;
+      const acc_t* add = additive.get(bias, mask, b, H, T, Tp);
+      const auto qr = item_rows<acc_t>(qv, b, s, T, H, D, qb.data());
+      const auto kr = item_rows<acc_t>(kv, b, s, T, H, D, kb.data());
+      const auto vr = item_rows<acc_t>(vv, b, s, T, H, D, vb.data());
+      const ItemOutput<acc_t, scalar_t> output(out_p, HD, b, s, T, S, H, D, ob.data());
+      const auto& orows = output.rows;
+      for (int64_t h = 0; h < H; ++h) {
+        cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);                          // K^T (D, Tp)
+        cpu::gemm<W>(T, Tp, D, qr.head(h), qr.ld_t, kt.data(), Tp, probs.data(), Tp, scale);  // scale Q K^T
+        for (int64_t i = 0; i < T; ++i) {
+          lse_p[((b * T + i) * S + s) * H + h] = softmax_row(probs.data() + i * Tp, add + (h * T + i) * Tp, Tp);
+        }
+        cpu::gemm<W>(T, D, T, probs.data(), Tp, vr.head(h), vr.ld_t, orows.head(h), orows.ld_t);  // out = P V
+      }
+      output.store();
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& out, const at::Tensor& lse, const acc_t* bias, const TemporalMask& mask,
+                       acc_t scale, const GradOutputs<scalar_t>& grads, acc_t* dbias) {
+  const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
+  const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
+  const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out);  // out is not read: delta from P, dP (header)
+  const acc_t* lse_p = lse.data_ptr<acc_t>();
+  const int64_t items = B * S, staged = T * staged_ld(HD);
+  // Deterministic dbias: a chunk count that depends on the item count only (never on the thread count).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (items + 15) / 16));
+  const int64_t per_chunk = (items + chunks - 1) / chunks;
+  std::vector<acc_t> partial(dbias ? chunks * H * T * T : 0, acc_t(0));
+  cpu::parallel_for_isa(chunks, 1, [&](int64_t chunk_lo, int64_t chunk_hi, auto isa) TORCHNOVA_LAMBDA_INLINE {
+    constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
+    const int64_t out_staged = ItemOutput<acc_t, scalar_t>::kDirect ? 0 : staged;
+    std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), dqb(out_staged), dkb(out_staged),
+        dvb(out_staged), kt(D * Tp), vt(D * Tp), probs(T * Tp), dscores(T * Tp);
+    AdditiveTile<acc_t> additive;
+    for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
+      acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
+      const int64_t end = std::min(items, (chunk + 1) * per_chunk);
+      for (int64_t item = chunk * per_chunk; item < end; ++item) {
+        const int64_t b = item / S, s = item % S;
+        const acc_t* add = additive.get(bias, mask, b, H, T, Tp);
+        const auto qr = item_rows<acc_t>(qv, b, s, T, H, D, qb.data());
+        const auto kr = item_rows<acc_t>(kv, b, s, T, H, D, kb.data());
+        const auto vr = item_rows<acc_t>(vv, b, s, T, H, D, vb.data());
+        const auto gr = item_rows<acc_t>(gv, b, s, T, H, D, gb.data());
+        const ItemOutput<acc_t, scalar_t> dq_out(grads.dq, grads.token_stride, b, s, T, S, H, D, dqb.data());
+        const ItemOutput<acc_t, scalar_t> dk_out(grads.dk, grads.token_stride, b, s, T, S, H, D, dkb.data());
+        const ItemOutput<acc_t, scalar_t> dv_out(grads.dv, grads.token_stride, b, s, T, S, H, D, dvb.data());
+        const auto &dqr = dq_out.rows, &dkr = dk_out.rows, &dvr = dv_out.rows;
+        for (int64_t h = 0; h < H; ++h) {
+          cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);
+          cpu::transpose(vr.head(h), vr.ld_t, T, D, vt.data(), Tp);
+          cpu::gemm<W>(T, Tp, D, qr.head(h), qr.ld_t, kt.data(), Tp, probs.data(), Tp, scale);  // scale Q K^T
+          cpu::gemm<W>(T, Tp, D, gr.head(h), gr.ld_t, vt.data(), Tp, dscores.data(), Tp);      // dP = dO V^T
+          for (int64_t i = 0; i < T; ++i) {
+            const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
+            acc_t *p = probs.data() + i * Tp, *ds = dscores.data() + i * Tp;
+            const acc_t* a = add + (h * T + i) * Tp;
+            acc_t row_delta = 0;  // delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
+#pragma omp simd reduction(+ : row_delta)
+            for (int64_t j = 0; j < Tp; ++j) {
+              p[j] = cpu::exp_nonpositive(p[j] + a[j] - row_lse);  // P from the saved lse
+              row_delta += p[j] * ds[j];
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < Tp; ++j) ds[j] = p[j] * (ds[j] - row_delta);  // dS = P o (dP - delta)
+            if (chunk_bias) {
+              acc_t* db = chunk_bias + (h * T + i) * T;
+              for (int64_t j = 0; j < T; ++j) db[j] += ds[j];
+            }
+          }
+          cpu::gemm<W, true>(T, D, T, probs.data(), Tp, gr.head(h), gr.ld_t, dvr.head(h), dvr.ld_t);  // P^T dO
+          cpu::gemm<W>(T, D, T, dscores.data(), Tp, kr.head(h), kr.ld_t, dqr.head(h), dqr.ld_t, scale);  // scale dS K
+          cpu::gemm<W, true>(T, D, T, dscores.data(), Tp, qr.head(h), qr.ld_t, dkr.head(h), dkr.ld_t,
+                             scale);  // dK = scale dS^T Q
+        }
+        dq_out.store();
+        dk_out.store();
+        dv_out.store();
+      }
+    }
+  });
+  if (dbias) {
+    const int64_t n = H * T * T;
+    std::fill(dbias, dbias + n, acc_t(0));
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t e = 0; e < n; ++e) dbias[e] += partial[chunk * n + e];
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const c10::optional<at::Tensor>& segment_ids,
+                                                              bool causal, double scale) {
+  check_qkv("temporal_attention_fwd", q, k, v);
+  check_temporal_extras("temporal_attention_fwd", q, bias, segment_ids);
+  const auto acc = acc_type(q.scalar_type());
+  at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
+  if (q.numel() == 0) return {out, lse};
+  const TemporalMask mask{segment_ids.has_value() ? segment_ids->data_ptr<int64_t>() : nullptr, causal, q.size(1)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
+    temporal_fwd_impl<scalar_t, acc_t>(q, k, v, bias_p, mask, static_cast<acc_t>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+// Shared by the two backward ops: checks, the gradient tensors (three, or one packed dqkv), the kernel.
+GradTensors temporal_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
+                              bool causal, double scale, bool needs_bias_grad, bool packed, at::Tensor& dbias) {
+  check_qkv(op, q, k, v);
+  check_temporal_extras(op, q, bias, segment_ids);
+  check_bwd_inputs(op, grad_out, q, out, lse);
+  const auto acc = acc_type(q.scalar_type());
+  const at::Tensor lse_c = lse.contiguous();
+  GradTensors grads = GradTensors::allocate(q, packed);
+  dbias = needs_bias_grad ? at::zeros({q.size(3), q.size(1), q.size(1)}, q.options().dtype(acc))
+                          : at::empty({0}, q.options().dtype(acc));
+  if (q.numel() == 0) return grads;
+  const TemporalMask mask{segment_ids.has_value() ? segment_ids->data_ptr<int64_t>() : nullptr, causal, q.size(1)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_bwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
+    temporal_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, bias_p, mask, static_cast<acc_t>(scale),
+                                       grads.outputs<scalar_t>(), needs_bias_grad ? dbias.data_ptr<acc_t>() : nullptr);
+  });
+  return grads;
+}
+
+// deterministic: ignored, the CPU reduction is always deterministic (see the file header).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, bool needs_bias_grad, bool /*deterministic*/) {
+  at::Tensor dbias;
+  GradTensors g = temporal_backward("temporal_attention_bwd", grad_out, q, k, v, out, lse, bias, segment_ids, causal,
+                                    scale, needs_bias_grad, /*packed=*/false, dbias);
+  return {g.dq, g.dk, g.dv, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_qkvpacked_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids, bool causal, double scale,
+    bool needs_bias_grad, bool /*deterministic*/) {
+  const auto [q, k, v] = spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
+  at::Tensor dbias;
+  GradTensors g = temporal_backward("temporal_attention_qkvpacked_bwd", grad_out, q, k, v, out, lse, bias,
+                                    segment_ids, causal, scale, needs_bias_grad, /*packed=*/true, dbias);
+  return {g.dqkv, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchnova, CPU, m) {
+  m.impl("temporal_attention_fwd", &temporal_attention_fwd_cpu);
+  m.impl("temporal_attention_bwd", &temporal_attention_bwd_cpu);
+  m.impl("temporal_attention_qkvpacked_bwd", &temporal_attention_qkvpacked_bwd_cpu);
+}
+
+}  // namespace torchnova
