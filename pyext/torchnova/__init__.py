@@ -9,6 +9,8 @@ Public API::
     torchnova.SAF(num_samples, num_classes, epochs_ago=3, temperature=5.0, weight=0.3, start_epoch=5)
     torchnova.temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
     torchnova.spatial_attention(q, k, v, *, scale=None, backend="auto")
+    torchnova.temporal_attention_qkvpacked(qkv, ...), torchnova.spatial_attention_qkvpacked(qkv, ...)
+                                   # qkv (B, T, S, 3, H, D): one gradient for a fused projection, no stack
     torchnova.relative_position_buckets(T, num_buckets=32, max_distance=32)
     torchnova.cogvideo_attention(q, k, v, *, text_len, frames, grid, channel, attention="full", window=10,
                                  shifted=False, stage="sequential", text_pad_mask=None, backend="auto")
@@ -22,10 +24,17 @@ from . import _backend, _ext
 from . import nn
 from .dual_channel.ops import cogvideo_attention, dual_channel_mix
 from .mesa import MESA, SAF, mesa_kl
-from .spacetime import relative_position_buckets, spatial_attention, temporal_attention
+from .spacetime import (
+    relative_position_buckets,
+    spatial_attention,
+    spatial_attention_qkvpacked,
+    temporal_attention,
+    temporal_attention_qkvpacked,
+)
 
 __version__ = "0.1.0"
 __all__ = [
-    "mesa_kl", "MESA", "SAF", "spatial_attention", "temporal_attention", "relative_position_buckets",
+    "mesa_kl", "MESA", "SAF", "spatial_attention", "temporal_attention", "spatial_attention_qkvpacked",
+    "temporal_attention_qkvpacked", "relative_position_buckets",
     "cogvideo_attention", "dual_channel_mix", "nn", "__version__",
 ]  # fmt: skip

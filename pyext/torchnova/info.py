@@ -49,6 +49,9 @@ def report() -> str:
         cuda = f"yes, archs {info['cuda_archs']}" if info.get("with_cuda") else "no (CPU kernels only)"
         lines.append(f"extension torchnova._C: built against torch {info.get('torch_version')}, "
                      f"OpenMP {'yes' if info.get('openmp') else 'no'}, CUDA kernels: {cuda}")
+        # The CPU kernels are compiled in several ISA copies; the best one this CPU has runs
+        # (TORCHNOVA_CPU_ISA=avx2|baseline caps it).
+        lines.append(f"CPU kernels: {_ext._C.cpu_isa()} copy running (this CPU runs: {', '.join(_ext._C.cpu_isas())})")
     else:
         lines.append(f"extension torchnova._C: NOT available ({_ext.CPP_IMPORT_ERROR})")
     lines.append("")

@@ -1,7 +1,9 @@
 """Space-time attention modules on video tensors (B, C, T, h, w), as in Video Diffusion Models' 3D U-Net.
 
 Each attention block is pre-norm (LayerNorm over channels) + residual: ``x + out(attention(qkv(norm(x))))``,
-with one fused qkv projection whose q, k, v slices go to the kernels as strided views (no copies).
+with one fused qkv projection viewed as (B, T, S, 3, H, D) and passed whole to the ``*_qkvpacked`` ops: the
+kernels read q, k, v through its strides (no copies) and the backward writes the projection's gradient as one
+tensor (no stack of three).
 ``zero_init_output=True`` zero-initialises the output projection, so a block starts as the identity (how
 VDM-style models add temporal layers to a pretrained image model).
 
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import spatial_attention, temporal_attention
+from .ops import spatial_attention_qkvpacked, temporal_attention_qkvpacked
 from .reference import relative_position_buckets
 
 
@@ -61,8 +63,7 @@ class _VideoAttention(nn.Module):
             )
         B, C, T, h, w = x.shape
         tokens = x.permute(0, 2, 3, 4, 1).reshape(B, T, h * w, C)
-        qkv = self.to_qkv(self.norm(tokens)).view(B, T, h * w, 3, self.heads, self.dim_head)
-        return qkv.unbind(dim=3)  # strided (B, T, S, H, D) views of one projection
+        return self.to_qkv(self.norm(tokens)).view(B, T, h * w, 3, self.heads, self.dim_head)  # packed qkv
 
     def _residual(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         B, C, T, h, w = x.shape
@@ -74,8 +75,7 @@ class SpatialAttention(_VideoAttention):
     """Each frame attends within itself: x + out(spatial_attention(qkv(norm(x))))."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self._qkv(x)
-        return self._residual(x, spatial_attention(q, k, v, backend=self.backend))
+        return self._residual(x, spatial_attention_qkvpacked(self._qkv(x), backend=self.backend))
 
 
 class TemporalAttention(_VideoAttention):
@@ -90,9 +90,10 @@ class TemporalAttention(_VideoAttention):
         self.rel_pos_bias = rel_pos_bias
 
     def forward(self, x: torch.Tensor, segment_ids: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        q, k, v = self._qkv(x)
         bias = self.rel_pos_bias(x.shape[2]) if self.rel_pos_bias is not None else None
-        out = temporal_attention(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal, backend=self.backend)
+        out = temporal_attention_qkvpacked(
+            self._qkv(x), bias=bias, segment_ids=segment_ids, causal=causal, backend=self.backend
+        )
         return self._residual(x, out)
 
 

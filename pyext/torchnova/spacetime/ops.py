@@ -3,11 +3,17 @@
     spatial_attention(q, k, v, *, scale=None, backend="auto")
     temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
 
+    temporal_attention_qkvpacked(qkv, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
+    spatial_attention_qkvpacked(qkv, *, scale=None, backend="auto")
+
 Layout (B, T, S, H, D); q, k, v may be strided views (e.g. slices of one fused qkv projection): the kernels
-read them through their strides, and only a view whose last dim is not contiguous is copied. Semantics in
-``reference.py``. Backends in "auto" order: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256,
-T <= 128), ``cpp`` (CPU tensors), ``triton`` (CUDA tensors, fp32/fp16/bf16, D <= 256; temporal T <= 64; on CPU
-only under TRITON_INTERPRET=1, for tests), ``reference``. ``cuda`` and ``cpp`` call the same ops
+read them through their strides, and only a view whose last dim is not contiguous is copied. The ``qkvpacked``
+forms (flash-attn's ``*_qkvpacked_func``) take the fused (B, T, S, 3, H, D) tensor itself: same results, but
+the backward writes one (B, T, S, 3, H, D) gradient (CPU and Triton kernels write it directly; CUDA stacks its
+three), where q, k, v slices make autograd ``torch.stack`` three gradients. Semantics in ``reference.py``.
+Backends in "auto" order: ``cuda`` (CUDA tensors, sm_80+, fp32/fp16/bf16, D <= 256, T <= 128), ``cpp`` (CPU
+tensors), ``triton`` (CUDA tensors, fp32/fp16/bf16, D <= 256; temporal T <= 64; on CPU only under
+TRITON_INTERPRET=1, for tests), ``reference``. ``cuda`` and ``cpp`` call the same ops
 (csrc/spacetime_ops.cpp), dispatched by device; ``triton`` calls the ``*_triton`` ops of the same signatures
 (triton_kernels.py). All return (out, lse) and the backward recomputes the probabilities from lse. The bias
 gradient is reduced in a fixed order and the spatial backward uses no atomics (bit-identical across runs).
@@ -162,10 +168,75 @@ def _make_spatial_backward(bwd_op):
     return backward
 
 
+def _packed_grad_fake(qkv):
+    return qkv.new_empty(qkv.shape)  # contiguous, like the kernels' dqkv
+
+
+def _temporal_packed_fwd_fake(qkv, bias, segment_ids, causal, scale):
+    return _outputs_like(qkv.select(3, 0))
+
+
+def _temporal_packed_bwd_fake(grad_out, qkv, out, lse, bias, segment_ids, causal, scale, needs_bias_grad,
+                              deterministic):  # fmt: skip
+    T, H = qkv.shape[1], qkv.shape[4]
+    dbias = qkv.new_empty((H, T, T) if needs_bias_grad else (0,), dtype=accumulation_dtype(qkv.dtype))
+    return _packed_grad_fake(qkv), dbias
+
+
+def _temporal_packed_setup(ctx, inputs, output):
+    qkv, bias, segment_ids, causal, scale = inputs
+    out, lse = output
+    ctx.causal, ctx.scale = causal, scale
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(qkv, out, lse, bias, segment_ids)
+
+
+def _make_temporal_packed_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        qkv, out, lse, bias, segment_ids = ctx.saved_tensors
+        needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
+        dqkv, dbias = bwd_op(
+            grad_out.contiguous(), qkv, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
+            torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        return dqkv, (dbias if needs_bias_grad else None), None, None, None
+
+    return backward
+
+
+def _spatial_packed_fwd_fake(qkv, scale):
+    return _outputs_like(qkv.select(3, 0))
+
+
+def _spatial_packed_bwd_fake(grad_out, qkv, out, lse, scale):
+    return _packed_grad_fake(qkv)
+
+
+def _spatial_packed_setup(ctx, inputs, output):
+    qkv, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(qkv, out, lse)
+
+
+def _make_spatial_packed_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        qkv, out, lse = ctx.saved_tensors
+        return bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale), None
+
+    return backward
+
+
 _FWD_BWD_REGISTRATION = {  # op family: (forward fake, backward fake, make_backward(bwd_op), setup_context)
     "temporal": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
     "spatial": (_spatial_fwd_fake, _spatial_bwd_fake, _make_spatial_backward, _spatial_setup),
-}
+    "temporal_qkvpacked": (
+        _temporal_packed_fwd_fake, _temporal_packed_bwd_fake, _make_temporal_packed_backward, _temporal_packed_setup
+    ),
+    "spatial_qkvpacked": (
+        _spatial_packed_fwd_fake, _spatial_packed_bwd_fake, _make_spatial_packed_backward, _spatial_packed_setup
+    ),
+}  # fmt: skip
 
 
 def _register(family: str, fwd_name: str, bwd_name: str) -> None:
@@ -177,17 +248,19 @@ def _register(family: str, fwd_name: str, bwd_name: str) -> None:
     torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
 
 
+_FAMILIES = ("temporal", "spatial", "temporal_qkvpacked", "spatial_qkvpacked")
+
 if _ext.HAS_CPP:
-    _register("temporal", "torchnova::temporal_attention_fwd", "torchnova::temporal_attention_bwd")
-    _register("spatial", "torchnova::spatial_attention_fwd", "torchnova::spatial_attention_bwd")
+    for _family in _FAMILIES:
+        _op = _family.replace("temporal", "temporal_attention").replace("spatial", "spatial_attention")
+        _register(_family, f"torchnova::{_op}_fwd", f"torchnova::{_op}_bwd")
 
 if triton_kernels.HAS_TRITON:
-    define_triton_op("torchnova::temporal_attention_fwd_triton", triton_kernels.temporal_attention_fwd_triton)
-    define_triton_op("torchnova::temporal_attention_bwd_triton", triton_kernels.temporal_attention_bwd_triton)
-    _register("temporal", "torchnova::temporal_attention_fwd_triton", "torchnova::temporal_attention_bwd_triton")
-    define_triton_op("torchnova::spatial_attention_fwd_triton", triton_kernels.spatial_attention_fwd_triton)
-    define_triton_op("torchnova::spatial_attention_bwd_triton", triton_kernels.spatial_attention_bwd_triton)
-    _register("spatial", "torchnova::spatial_attention_fwd_triton", "torchnova::spatial_attention_bwd_triton")
+    for _family in _FAMILIES:
+        _op = _family.replace("temporal", "temporal_attention").replace("spatial", "spatial_attention")
+        for _half in ("fwd", "bwd"):
+            define_triton_op(f"torchnova::{_op}_{_half}_triton", getattr(triton_kernels, f"{_op}_{_half}_triton"))
+        _register(_family, f"torchnova::{_op}_fwd_triton", f"torchnova::{_op}_bwd_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,6 +317,17 @@ def _validate_temporal_extras(q, bias, segment_ids, causal) -> None:
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
 
 
+def _unpack_qkv(op: str, qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (views) of a packed (B, T, S, 3, H, D) qkv, after checking it."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"{op}: qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if not qkv.dtype.is_floating_point:
+        raise TypeError(f"{op}: qkv must be a floating-point tensor, got dtype={qkv.dtype}")
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"{op}: qkv must have shape (B, T, S, 3, H, D), got {tuple(qkv.shape)}")
+    return qkv.unbind(3)
+
+
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
@@ -279,7 +363,28 @@ def temporal_attention(
     Returns:
         (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
     """
-    scale = _validate_qkv("temporal_attention", q, k, v, scale)
+    return _temporal(q, k, v, None, bias, segment_ids, causal, scale, backend, "temporal_attention")
+
+
+def temporal_attention_qkvpacked(
+    qkv: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``temporal_attention(*qkv.unbind(3), ...)`` for a packed qkv (B, T, S, 3, H, D), e.g. one fused projection
+    viewed as ``(B, T, S, 3, H, D)``. Same result; the backward produces qkv's gradient as one tensor instead of
+    autograd stacking three (flash-attn's ``flash_attn_qkvpacked_func``). Arguments as ``temporal_attention``."""
+    q, k, v = _unpack_qkv("temporal_attention_qkvpacked", qkv)
+    return _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, backend, "temporal_attention_qkvpacked")
+
+
+def _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, backend, op):
+    """Both temporal entry points: validation, backend selection, the op (the packed one when qkv is given)."""
+    scale = _validate_qkv(op, q, k, v, scale)
     _validate_temporal_extras(q, bias, segment_ids, causal)
     name = _backend.select("temporal_attention", backend, q=q, k=k, v=v, bias=bias, segment_ids=segment_ids)
     if name == "reference":
@@ -287,10 +392,13 @@ def temporal_attention(
     acc = accumulation_dtype(q.dtype)
     bias_acc = bias.to(acc).contiguous() if bias is not None else None
     segments = segment_ids.to(torch.int64).contiguous() if segment_ids is not None else None
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    ops = torch.ops.torchnova
-    fwd = ops.temporal_attention_fwd_triton if name == "triton" else ops.temporal_attention_fwd
-    out, _ = fwd(q, k, v, bias_acc, segments, causal, scale)
+    suffix = "_triton" if name == "triton" else ""
+    if qkv is not None:
+        fwd = getattr(torch.ops.torchnova, f"temporal_attention_qkvpacked_fwd{suffix}")
+        out, _ = fwd(_last_dim_contiguous(qkv), bias_acc, segments, causal, scale)
+    else:
+        fwd = getattr(torch.ops.torchnova, f"temporal_attention_fwd{suffix}")
+        out, _ = fwd(*(_last_dim_contiguous(x) for x in (q, k, v)), bias_acc, segments, causal, scale)
     return out
 
 
@@ -310,12 +418,29 @@ def spatial_attention(
     Returns:
         (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
     """
-    scale = _validate_qkv("spatial_attention", q, k, v, scale)
+    return _spatial(q, k, v, None, scale, backend, "spatial_attention")
+
+
+def spatial_attention_qkvpacked(
+    qkv: torch.Tensor, *, scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """``spatial_attention(*qkv.unbind(3), ...)`` for a packed qkv (B, T, S, 3, H, D): same result, qkv's gradient
+    produced as one tensor (see ``temporal_attention_qkvpacked``). Arguments as ``spatial_attention``."""
+    q, k, v = _unpack_qkv("spatial_attention_qkvpacked", qkv)
+    return _spatial(q, k, v, qkv, scale, backend, "spatial_attention_qkvpacked")
+
+
+def _spatial(q, k, v, qkv, scale, backend, op):
+    """Both spatial entry points: validation, backend selection, the op (the packed one when qkv is given)."""
+    scale = _validate_qkv(op, q, k, v, scale)
     name = _backend.select("spatial_attention", backend, q=q, k=k, v=v)
     if name == "reference":
         return spatial_attention_ref(q, k, v, scale=scale)
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    ops = torch.ops.torchnova
-    fwd = ops.spatial_attention_fwd_triton if name == "triton" else ops.spatial_attention_fwd
-    out, _ = fwd(q, k, v, scale)
+    suffix = "_triton" if name == "triton" else ""
+    if qkv is not None:
+        fwd = getattr(torch.ops.torchnova, f"spatial_attention_qkvpacked_fwd{suffix}")
+        out, _ = fwd(_last_dim_contiguous(qkv), scale)
+    else:
+        fwd = getattr(torch.ops.torchnova, f"spatial_attention_fwd{suffix}")
+        out, _ = fwd(*(_last_dim_contiguous(x) for x in (q, k, v)), scale)
     return out

@@ -174,9 +174,9 @@ if HAS_TRITON:
         lse_ptr,  # (B, T, S, H) fp32 contiguous
         bias_ptr,  # (H, T, T) fp32 contiguous, or a dummy
         seg_ptr,  # (B, T) int64 contiguous, or a dummy
-        dq_ptr, dk_ptr, dv_ptr,  # (B, T, S, H, D) contiguous, q's dtype
+        dq_ptr, dk_ptr, dv_ptr,  # (B, T, S, H, D) q's dtype, token stride gts (H·D, or 3·H·D in a packed dqkv)
         dbias_ws_ptr,  # (H, chunks, T_PAD, T_PAD) fp32 workspace, or a dummy
-        B, T, S, H, D, scale, chunks,
+        B, T, S, H, D, scale, chunks, gts,
         HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_P: tl.constexpr, T_PAD: tl.constexpr, D_PAD: tl.constexpr,
     ):  # fmt: skip
@@ -220,9 +220,10 @@ if HAS_TRITON:
                 else:
                     dq = tl.dot(ds.to(k.dtype), k) * scale
                     dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
-                tl.store(dq_ptr + c_offs, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
-                tl.store(dk_ptr + c_offs, dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
-                tl.store(dv_ptr + c_offs, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
+                g_offs, _ = _tile_offsets(b, s, h, T, D, T * S * gts, S * gts, gts, D, T_PAD, D_PAD)
+                tl.store(dq_ptr + g_offs, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
+                tl.store(dk_ptr + g_offs, dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
+                tl.store(dv_ptr + g_offs, dv.to(dv_ptr.dtype.element_ty), mask=tile_mask)
                 if BIAS_GRAD:
                     dbias_acc += ds
         if BIAS_GRAD:
@@ -273,18 +274,29 @@ def temporal_attention_fwd_triton(
     return out, lse
 
 
-def temporal_attention_bwd_triton(
+def _grad_tensors(q: Tensor, packed: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """(dqkv or None, dq, dk, dv): three contiguous (B, T, S, H, D) tensors, or the slices of one contiguous
+    (B, T, S, 3, H, D) dqkv (token stride 3·H·D: the kernels take the token stride of dq, dk, dv)."""
+    if packed:
+        B, T, S, H, D = q.shape
+        dqkv = torch.empty((B, T, S, 3, H, D), device=q.device, dtype=q.dtype)
+        return (dqkv, *dqkv.unbind(3))
+    return (None, *(torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3)))
+
+
+def _temporal_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
-    segment_ids: Optional[Tensor], causal: bool, scale: float, needs_bias_grad: bool, deterministic: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    segment_ids: Optional[Tensor], causal: bool, scale: float, needs_bias_grad: bool, packed: bool,
+) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dqkv or None, dq, dk, dv, dbias) of the temporal backward; see _grad_tensors."""
     _check(q, k, v)
     B, T, S, H, D = q.shape
     grad_out, out = grad_out.contiguous(), out.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    dqkv, dq, dk, dv = _grad_tensors(q, packed)
     acc = accumulation_dtype(q.dtype)
     if q.numel() == 0:
         dbias = torch.zeros((H, T, T) if needs_bias_grad else (0,), device=q.device, dtype=acc)
-        return dq, dk, dv, dbias
+        return dqkv, dq, dk, dv, dbias
     T_PAD, D_PAD = _pads(T, D)
     chunks = triton.cdiv(B * S, BLOCK_P)
     workspace = (
@@ -298,7 +310,7 @@ def temporal_attention_bwd_triton(
         grad_out, out, lse.contiguous(),
         bias if bias is not None else _dummy(q.device),
         segment_ids if segment_ids is not None else _dummy(q.device),
-        dq, dk, dv, workspace, B, T, S, H, D, scale, chunks,
+        dq, dk, dv, workspace, B, T, S, H, D, scale, chunks, dq.stride(2),
         HAS_BIAS=bias is not None, BIAS_GRAD=needs_bias_grad, HAS_SEG=segment_ids is not None, CAUSAL=causal,
         IEEE=q.dtype == torch.float32, BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=D_PAD,
     )  # fmt: skip
@@ -306,7 +318,41 @@ def temporal_attention_bwd_triton(
         dbias = workspace.sum(dim=1)[:, :T, :T].to(acc).contiguous()
     else:
         dbias = torch.empty((0,), device=q.device, dtype=acc)
+    return dqkv, dq, dk, dv, dbias
+
+
+def temporal_attention_bwd_triton(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
+    segment_ids: Optional[Tensor], causal: bool, scale: float, needs_bias_grad: bool, deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    _, dq, dk, dv, dbias = _temporal_bwd(
+        grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, packed=False
+    )  # fmt: skip
     return dq, dk, dv, dbias
+
+
+def temporal_attention_qkvpacked_fwd_triton(
+    qkv: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor], causal: bool, scale: float
+) -> Tuple[Tensor, Tensor]:
+    """The temporal forward on the q, k, v slices of a packed (B, T, S, 3, H, D) qkv (views: no copy)."""
+    return temporal_attention_fwd_triton(*_unpack_qkv(qkv), bias, segment_ids, causal, scale)
+
+
+def temporal_attention_qkvpacked_bwd_triton(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor],
+    causal: bool, scale: float, needs_bias_grad: bool, deterministic: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """(dqkv (B, T, S, 3, H, D) contiguous, dbias): the kernel writes the three gradients into one tensor."""
+    dqkv, _, _, _, dbias = _temporal_bwd(
+        grad_out, *_unpack_qkv(qkv), out, lse, bias, segment_ids, causal, scale, needs_bias_grad, packed=True
+    )  # fmt: skip
+    return dqkv, dbias
+
+
+def _unpack_qkv(qkv: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"qkv must have shape (B, T, S, 3, H, D), got {tuple(qkv.shape)}")
+    return qkv.unbind(3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,6 +413,12 @@ if HAS_TRITON:
         return tl.load(lse_ptr + stat_offs, mask=rows < S, other=0.0) * 1.4426950408889634
 
     @triton.jit
+    def _grad_offset(stat, H, D, gts):
+        """Offset of the problem's token 0, head h, in a gradient of token stride gts: stat = frame_token0·H + h
+        (from _spatial_problem) with frame_token0 = (b·T + t)·S."""
+        return (stat // H) * gts + (stat % H) * D
+
+    @triton.jit
     def _store_rows(base_ptr, rows, stride, tile, S, D, D_PAD: tl.constexpr):
         offs, mask = _rows_tile(rows, stride, S, D, D_PAD)
         tl.store(base_ptr + offs, tile.to(base_ptr.dtype.element_ty), mask=mask)
@@ -413,8 +465,8 @@ if HAS_TRITON:
         grad_out_ptr, out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
         lse_ptr,  # (B, T, S, H) fp32 contiguous, natural log
         delta_ptr,  # (B, T, S, H) fp32 contiguous, written here: delta_i = dO_i·O_i
-        dq_ptr,  # (B, T, S, H, D) contiguous, q's dtype
-        T, S, H, D, scale,
+        dq_ptr,  # (B, T, S, H, D) q's dtype, token stride gts (H·D, or 3·H·D in a packed dqkv)
+        T, S, H, D, scale, gts,
         qk_scale,  # scale · log2(e)
         PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
@@ -440,7 +492,7 @@ if HAS_TRITON:
             dp = _dot(do, tl.trans(v), IEEE)
             ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
-        _store_rows(dq_ptr + stat * D, rows, H * D, dq * scale, S, D, D_PAD)
+        _store_rows(dq_ptr + _grad_offset(stat, H, D, gts), rows, gts, dq * scale, S, D, D_PAD)
 
     @triton.jit
     def _spatial_bwd_dkdv_kernel(
@@ -448,8 +500,8 @@ if HAS_TRITON:
         qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
         grad_out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
         lse_ptr, delta_ptr,  # (B, T, S, H) fp32 contiguous
-        dk_ptr, dv_ptr,  # (B, T, S, H, D) contiguous, q's dtype
-        T, S, H, D, scale,
+        dk_ptr, dv_ptr,  # (B, T, S, H, D) q's dtype, token stride gts (H·D, or 3·H·D in a packed dqkv)
+        T, S, H, D, scale, gts,
         qk_scale,  # scale · log2(e)
         PROBLEMS_ON_AXIS0: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
@@ -473,8 +525,9 @@ if HAS_TRITON:
             dv += _dot(p_t.to(do.dtype), do, IEEE)
             ds_t = p_t * (_dot(v, tl.trans(do), IEEE) - delta[None, :])
             dk += _dot(ds_t.to(q.dtype), q, IEEE)
-        _store_rows(dk_ptr + stat * D, keys, H * D, dk * scale, S, D, D_PAD)
-        _store_rows(dv_ptr + stat * D, keys, H * D, dv, S, D, D_PAD)
+        grad_base = _grad_offset(stat, H, D, gts)
+        _store_rows(dk_ptr + grad_base, keys, gts, dk * scale, S, D, D_PAD)
+        _store_rows(dv_ptr + grad_base, keys, gts, dv, S, D, D_PAD)
 
 
 class SpatialConfig(NamedTuple):
@@ -536,14 +589,17 @@ def _check_spatial(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"spatial_attention triton backend: {name} needs stride(-1) == 1, got {x.stride()}")
 
 
-def _launch_spatial(kernel, name: str, q: Tensor, k: Tensor, v: Tensor, *tensors: Tensor, scale: float) -> None:
+def _launch_spatial(
+    kernel, name: str, q: Tensor, k: Tensor, v: Tensor, *tensors: Tensor, scale: float, gts: Optional[int] = None
+) -> None:
     """Launch the spatial kernel ``name`` ("fwd", "dq", "dkdv"): its arguments are q, k, v and their strides,
-    ``tensors``, T, S, H, D, the scale (backward only) and scale·log2(e), then the constexprs."""
+    ``tensors``, T, S, H, D, then (backward only) the scale and the gradients' token stride gts, then
+    scale·log2(e) and the constexprs."""
     B, T, S, H, D = q.shape
     cfg = spatial_config(name, S, D, q.dtype)
     owned = cfg.block_n if name == "dkdv" else cfg.block_m
     grid, problems_on_axis0 = spatial_grid(triton.cdiv(S, owned), B * T * H)
-    scales = (scale * _LOG2E,) if name == "fwd" else (scale, scale * _LOG2E)
+    scales = (scale * _LOG2E,) if name == "fwd" else (scale, gts, scale * _LOG2E)
     launch_triton(
         kernel, grid,
         q, k, v, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4], *tensors, T, S, H, D, *scales,
@@ -564,17 +620,39 @@ def spatial_attention_fwd_triton(q: Tensor, k: Tensor, v: Tensor, scale: float) 
     return out, lse
 
 
-def spatial_attention_bwd_triton(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
-) -> Tuple[Tensor, Tensor, Tensor]:
+def _spatial_bwd(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, packed: bool
+) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """(dqkv or None, dq, dk, dv) of the spatial backward; see _grad_tensors."""
     _check_spatial(q, k, v)
     B, T, S, H, D = q.shape
     grad_out, out, lse = grad_out.contiguous(), out.contiguous(), lse.contiguous()
-    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    dqkv, dq, dk, dv = _grad_tensors(q, packed)
     if q.numel() == 0:
-        return dq, dk, dv
+        return dqkv, dq, dk, dv
     delta = torch.empty((B, T, S, H), device=q.device, dtype=torch.float32)
+    gts = dq.stride(2)  # token stride of dq, dk, dv
     # dq first: it writes delta, which the dk/dv kernel reads (same stream, so ordered).
-    _launch_spatial(_spatial_bwd_dq_kernel, "dq", q, k, v, grad_out, out, lse, delta, dq, scale=scale)
-    _launch_spatial(_spatial_bwd_dkdv_kernel, "dkdv", q, k, v, grad_out, lse, delta, dk, dv, scale=scale)
+    _launch_spatial(_spatial_bwd_dq_kernel, "dq", q, k, v, grad_out, out, lse, delta, dq, scale=scale, gts=gts)
+    _launch_spatial(_spatial_bwd_dkdv_kernel, "dkdv", q, k, v, grad_out, lse, delta, dk, dv, scale=scale, gts=gts)
+    return dqkv, dq, dk, dv
+
+
+def spatial_attention_bwd_triton(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _, dq, dk, dv = _spatial_bwd(grad_out, q, k, v, out, lse, scale, packed=False)
     return dq, dk, dv
+
+
+def spatial_attention_qkvpacked_fwd_triton(qkv: Tensor, scale: float) -> Tuple[Tensor, Tensor]:
+    """The spatial forward on the q, k, v slices of a packed (B, T, S, 3, H, D) qkv (views: no copy)."""
+    return spatial_attention_fwd_triton(*_unpack_qkv(qkv), scale)
+
+
+def spatial_attention_qkvpacked_bwd_triton(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> Tensor:
+    """dqkv (B, T, S, 3, H, D) contiguous: the kernels write the three gradients into one tensor."""
+    dqkv, _, _, _ = _spatial_bwd(grad_out, *_unpack_qkv(qkv), out, lse, scale, packed=True)
+    return dqkv
