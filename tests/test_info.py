@@ -13,6 +13,7 @@ def test_info_reports_build_and_backends():
         expected = "CUDA kernels: yes" if _ext.HAS_CUDA_KERNELS else "CUDA kernels: no"
         assert expected in out
         assert "  cpp        can run" in out
+        assert f"CPU kernels: {_ext._C.cpu_isa()} copy running" in out
     else:
         assert "extension torchnova._C: NOT available" in out
     assert "  reference  can run" in out

@@ -309,9 +309,12 @@ def test_compiles_fullgraph_without_recompiles():
     qkv, (q, k, v) = fused_qkv((1, 4, 3, 2, 8), torch.float32)
     bias = torch.randn(2, 4, 4, requires_grad=True)
 
-    def block(q, k, v, bias):
+    def block(q, k, v, bias):  # the sliced and the packed forms of both ops in one graph
         x = torchnova.spatial_attention(q, k, v, backend="cpp")
-        return torchnova.temporal_attention(x, k, v, bias=bias, causal=True, backend="cpp").sum()
+        y = torchnova.temporal_attention(x, k, v, bias=bias, causal=True, backend="cpp")
+        packed = torch.stack([y, k, v], dim=3)
+        z = torchnova.spatial_attention_qkvpacked(packed, backend="cpp")
+        return torchnova.temporal_attention_qkvpacked(torch.stack([z, k, v], dim=3), bias=bias, backend="cpp").sum()
 
     torch.compiler.reset()
     compiled = torch.compile(block, fullgraph=True)

@@ -57,3 +57,10 @@ def skip_unless_runs(op: str, backend: str, **inputs) -> None:
     why = _backend.reasons(op, backend, **inputs)
     if why:
         pytest.skip(f"{backend} cannot run: " + "; ".join(why))
+
+
+def cpu_isas() -> list[str]:
+    """The compiled copies of the CPU kernels this CPU can run (csrc/cpu/cpu_dispatch.h), e.g. baseline, avx2."""
+    from torchnova import _ext
+
+    return list(_ext._C.cpu_isas()) if _ext.HAS_CPP else []
