@@ -1,6 +1,8 @@
 """Factorized space-time attention benchmarks: torchnova backends vs eager PyTorch and permute + SDPA + permute.
 
-Inputs (B, T, S, H, D) as slices of one fused qkv tensor (B, T, S, 3, H, D), as a model produces them.
+Inputs (B, T, S, H, D) as slices of one fused qkv tensor (B, T, S, 3, H, D), as a model produces them; the
+``torchnova-<backend>-qkvpacked`` providers pass that tensor whole to ``*_attention_qkvpacked`` (one gradient for
+it, where the slices make autograd stack three).
 ``temporal_attention`` runs with a learned (H, T, T) bias that gets a gradient (VDM's relative-position bias);
 ``spatial_attention`` has no mask.
 
@@ -244,14 +246,27 @@ def _torchnova_providers(kind: str) -> list[Provider]:
             return lambda: torchnova.temporal_attention(q, k, v, bias=inputs["bias"], backend=backend)
         return lambda: torchnova.spatial_attention(q, k, v, backend=backend)
 
+    def make_packed(backend: str, inputs: Inputs):
+        qkv = inputs["qkv"]
+        if kind == "temporal":
+            return lambda: torchnova.temporal_attention_qkvpacked(qkv, bias=inputs["bias"], backend=backend)
+        return lambda: torchnova.spatial_attention_qkvpacked(qkv, backend=backend)
+
     def reasons(backend: str, inputs: Inputs) -> list[str]:
         q, k, v = _split(inputs)
         return _backend.reasons(op, backend, q=q, k=k, v=v)
 
-    return [
+    sliced = [
         Provider(f"torchnova-{name}", False, functools.partial(make, name), functools.partial(reasons, name))
         for name in _backend.backends_for(op)
     ]
+    # The packed form on the same fused tensor: one (B, T, S, 3, H, D) gradient, no stack of three in autograd.
+    packed = [
+        Provider(f"torchnova-{name}-qkvpacked", False, functools.partial(make_packed, name),
+                 functools.partial(reasons, name))
+        for name in _backend.backends_for(op) if name != "reference"
+    ]  # fmt: skip
+    return sliced + packed
 
 
 def _baselines(kind: str) -> list[Provider]:

@@ -677,7 +677,7 @@ def format_summary(rows: list[dict]) -> str:
         [
             s["shape"], s["dtype"], s["mode"], s["torchnova"].removeprefix("torchnova-"), _fmt(s["torchnova_ms"]),
             s["baseline"] or "-", _fmt(s["baseline_ms"]), f"{s['speedup']:.2f}x" if s["speedup"] else "-",
-            f"{_fmt(s['pct_peak'], 2)} {s['peak_kind']}" if s["pct_peak"] is not None else "-", _fmt(s["j_per_iter"]),
+            f"{_fmt(s['pct_peak'], 2)}% {s['peak_kind']}" if s["pct_peak"] is not None else "-", _fmt(s["j_per_iter"]),
         ]
         for s in summary
     ]  # fmt: skip
