@@ -30,13 +30,7 @@
 namespace torchnova {
 namespace {
 
-using spacetime::acc_type;
-using spacetime::check_bwd_inputs;
-using spacetime::check_qkv;
-using spacetime::GradOutputs;
-using spacetime::GradTensors;
-using spacetime::Rows;
-using spacetime::View5;
+using namespace spacetime;  // View5, Rows, GradOutputs, GradTensors, the checks (spacetime_cpu.h)
 
 constexpr int64_t kSpatialQueryBlock = 64;
 constexpr int64_t kSpatialKeyBlock = 256;
@@ -206,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cpu(const a
 
 at::Tensor spatial_attention_qkvpacked_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& qkv,
                                                const at::Tensor& out, const at::Tensor& lse, double scale) {
-  const auto [q, k, v] = spacetime::unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
+  const auto [q, k, v] = unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
   return spatial_backward("spatial_attention_qkvpacked_bwd", grad_out, q, k, v, out, lse, scale, /*packed=*/true).dqkv;
 }
 

@@ -40,13 +40,7 @@
 namespace torchnova {
 namespace {
 
-using spacetime::acc_type;
-using spacetime::check_bwd_inputs;
-using spacetime::check_qkv;
-using spacetime::GradOutputs;
-using spacetime::GradTensors;
-using spacetime::Rows;
-using spacetime::View5;
+using namespace spacetime;  // View5, Rows, GradOutputs, GradTensors, the checks (spacetime_cpu.h)
 
 constexpr int64_t kMaxBiasChunks = 256;
 
@@ -351,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_qkvpacked_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids, bool causal, double scale,
     bool needs_bias_grad, bool /*deterministic*/) {
-  const auto [q, k, v] = spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
+  const auto [q, k, v] = unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
   at::Tensor dbias;
   GradTensors g = temporal_backward("temporal_attention_qkvpacked_bwd", grad_out, q, k, v, out, lse, bias,
                                     segment_ids, causal, scale, needs_bias_grad, /*packed=*/true, dbias);
