@@ -32,6 +32,8 @@
 
 #include <tuple>
 
+#include "spacetime_qkvpacked.h"
+
 TORCH_LIBRARY_FRAGMENT(torchnova, m) {
   m.def(
       "temporal_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? segment_ids, bool causal, "
@@ -66,12 +68,11 @@ c10::TypedOperatorHandle<Signature> torchnova_op(const char* name) {
 
 std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_fwd(const at::Tensor& qkv, const OptTensor& bias,
                                                           const OptTensor& segment_ids, bool causal, double scale) {
-  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "temporal_attention_qkvpacked_fwd: qkv must have shape "
-              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_fwd", qkv);
   static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double)>(
       "torchnova::temporal_attention_fwd");
-  return fwd.call(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), bias, segment_ids, causal, scale);
+  return fwd.call(q, k, v, bias, segment_ids, causal, scale);
 }
 
 std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv,
@@ -79,34 +80,31 @@ std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad
                                                           const OptTensor& bias, const OptTensor& segment_ids,
                                                           bool causal, double scale, bool needs_bias_grad,
                                                           bool deterministic) {
-  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "temporal_attention_qkvpacked_bwd: qkv must have shape "
-              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
   static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, bool)>(
       "torchnova::temporal_attention_bwd");
-  auto [dq, dk, dv, dbias] = bwd.call(grad_out, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, bias,
-                                      segment_ids, causal, scale, needs_bias_grad, deterministic);
+  auto [dq, dk, dv, dbias] =
+      bwd.call(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, deterministic);
   return {at::stack({dq, dk, dv}, 3), dbias};
 }
 
 std::tuple<at::Tensor, at::Tensor> spatial_qkvpacked_fwd(const at::Tensor& qkv, double scale) {
-  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "spatial_attention_qkvpacked_fwd: qkv must have shape "
-              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_fwd", qkv);
   static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                           const at::Tensor&, double)>(
       "torchnova::spatial_attention_fwd");
-  return fwd.call(qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), scale);
+  return fwd.call(q, k, v, scale);
 }
 
 at::Tensor spatial_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
                                  const at::Tensor& lse, double scale) {
-  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, "spatial_attention_qkvpacked_bwd: qkv must have shape "
-              "(B, T, S, 3, H, D), got ", qkv.sizes());
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
   static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, double)>("torchnova::spatial_attention_bwd");
-  auto [dq, dk, dv] = bwd.call(grad_out, qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2), out, lse, scale);
+  auto [dq, dk, dv] = bwd.call(grad_out, q, k, v, out, lse, scale);
   return at::stack({dq, dk, dv}, 3);
 }
 

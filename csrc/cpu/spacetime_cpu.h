@@ -9,10 +9,10 @@
 
 #include <torch/extension.h>
 
-#include <array>
 #include <cstdint>
 
 #include "cpu_dispatch.h"
+#include "spacetime_qkvpacked.h"  // unpack_qkv
 
 namespace torchnova {
 namespace spacetime {
@@ -70,12 +70,6 @@ struct GradTensors {
     return {dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), dq.size(3) * dq.size(4)};
   }
 };
-
-// q, k, v = the three (B, T, S, H, D) slices of a packed (B, T, S, 3, H, D) qkv (views, no copy).
-inline std::array<at::Tensor, 3> unpack_qkv(const char* op, const at::Tensor& qkv) {
-  TORCH_CHECK(qkv.dim() == 6 && qkv.size(3) == 3, op, ": qkv must have shape (B, T, S, 3, H, D), got ", qkv.sizes());
-  return {qkv.select(3, 0), qkv.select(3, 1), qkv.select(3, 2)};
-}
 
 inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 5, op, ": q must have shape (B, T, S, H, D), got ", q.sizes());

@@ -227,40 +227,39 @@ def _make_spatial_packed_backward(bwd_op):
     return backward
 
 
-_FWD_BWD_REGISTRATION = {  # op family: (forward fake, backward fake, make_backward(bwd_op), setup_context)
-    "temporal": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
-    "spatial": (_spatial_fwd_fake, _spatial_bwd_fake, _make_spatial_backward, _spatial_setup),
-    "temporal_qkvpacked": (
+# op (the name before _fwd / _bwd): (forward fake, backward fake, make_backward(bwd_op), setup_context)
+_FWD_BWD_REGISTRATION = {
+    "temporal_attention": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
+    "spatial_attention": (_spatial_fwd_fake, _spatial_bwd_fake, _make_spatial_backward, _spatial_setup),
+    "temporal_attention_qkvpacked": (
         _temporal_packed_fwd_fake, _temporal_packed_bwd_fake, _make_temporal_packed_backward, _temporal_packed_setup
     ),
-    "spatial_qkvpacked": (
+    "spatial_attention_qkvpacked": (
         _spatial_packed_fwd_fake, _spatial_packed_bwd_fake, _make_spatial_packed_backward, _spatial_packed_setup
     ),
 }  # fmt: skip
 
 
-def _register(family: str, fwd_name: str, bwd_name: str) -> None:
-    """Fake kernels for a (forward, backward) op pair and the forward's autograd, which calls the backward op."""
-    fwd_fake, bwd_fake, make_backward, setup_context = _FWD_BWD_REGISTRATION[family]
+def _register(op: str, suffix: str = "") -> None:
+    """Fake kernels for the ops torchnova::{op}_fwd{suffix} and {op}_bwd{suffix} and the forward's autograd,
+    which calls the backward op."""
+    fwd_fake, bwd_fake, make_backward, setup_context = _FWD_BWD_REGISTRATION[op]
+    fwd_name, bwd_name = f"torchnova::{op}_fwd{suffix}", f"torchnova::{op}_bwd{suffix}"
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
-    bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
+    bwd_op = getattr(torch.ops.torchnova, f"{op}_bwd{suffix}").default
     torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
 
 
-_FAMILIES = ("temporal", "spatial", "temporal_qkvpacked", "spatial_qkvpacked")
-
 if _ext.HAS_CPP:
-    for _family in _FAMILIES:
-        _op = _family.replace("temporal", "temporal_attention").replace("spatial", "spatial_attention")
-        _register(_family, f"torchnova::{_op}_fwd", f"torchnova::{_op}_bwd")
+    for _op in _FWD_BWD_REGISTRATION:
+        _register(_op)
 
 if triton_kernels.HAS_TRITON:
-    for _family in _FAMILIES:
-        _op = _family.replace("temporal", "temporal_attention").replace("spatial", "spatial_attention")
+    for _op in _FWD_BWD_REGISTRATION:
         for _half in ("fwd", "bwd"):
             define_triton_op(f"torchnova::{_op}_{_half}_triton", getattr(triton_kernels, f"{_op}_{_half}_triton"))
-        _register(_family, f"torchnova::{_op}_fwd_triton", f"torchnova::{_op}_bwd_triton")
+        _register(_op, "_triton")
 
 
 # ---------------------------------------------------------------------------------------------------------
