@@ -13,10 +13,11 @@
 // Work items are (b, s) pairs: their T x H x D blocks of q, k, v (and dO in backward) are copied to thread-local
 // buffers in the accumulation type (contiguous H*D runs per frame, so the loads stream; outputs of the
 // accumulation type are written in place by the products, others staged and converted), and the item's H problems
-// run on them as small register-blocked matrix products (tile_gemm.h): S = scale Q K^T (K^T transposed by 8 x 8
-// shuffles), a vectorized softmax per row with the bias and the mask as one additive (H, T, Tp) tile (-inf where
-// invisible), O = P V; backward dP = dO V^T, dV = P^T dO, dQ = scale dS K, dK = scale dS^T Q. at::parallel_for
-// over items; the AVX-512, AVX2+FMA or baseline copy chosen at runtime (cpu_dispatch.h).
+// run on them as small register-blocked matrix products (tile_gemm.h) on transposed score tiles (keys along
+// rows, queries along columns; see softmax_columns): S^T = scale K Q^T (Q^T transposed by 8 x 8 shuffles), a
+// vectorized softmax down the columns with the bias and the mask as one additive (H, T, Tp) tile (-inf where
+// invisible), O = (P^T)^T V; backward dP^T = V dO^T, dV = P^T dO, dK = scale dS^T Q, dQ = scale (dS^T)^T K.
+// at::parallel_for over items; the AVX-512, AVX2+FMA or baseline copy chosen at runtime (cpu_dispatch.h).
 // dbias is reduced deterministically: items are cut into a number of chunks that depends only on the
 // item count (not on the thread count); each chunk sums into its own (H, T, T) partial, and the partials
 // are added in chunk order, so two runs give bit-identical results on any machine. The backward takes
@@ -120,44 +121,71 @@ struct ItemOutput {
   }
 };
 
-// Keys are padded to Tp (a multiple of the vector width) columns: the padded columns of K^T stay zero and
-// their additive term is -inf, so they get probability 0 and never change a sum.
-// additive[(h * T + i) * Tp + j] = bias[h, i, j] (or 0) where key j is visible to query i in batch b, else -inf.
+// The kernels work on transposed score tiles, S^T (T keys x Tp queries): a query is a column, so the softmax
+// over keys runs down the columns with vertical vector operations (max, sum, log of Tp queries at once), where a
+// row-major tile needs two horizontal reductions and a scalar log per query (~15 % of the forward at T = 16).
+// Queries are padded to Tp (a multiple of the vector width) columns: the padded columns of Q^T stay zero, their
+// additive term is 0 (finite, never read back) in the forward and their lse +inf in the backward (probability
+// 0, no gradient).
+// additive[(h * T + j) * Tp + i] = bias[h, i, j] (or 0) where key j is visible to query i in batch b, else -inf.
 template <typename acc_t>
 void build_additive(const acc_t* bias, const TemporalMask& mask, int64_t b, int64_t H, int64_t T, int64_t Tp,
                     acc_t* additive) {
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t h = 0; h < H; ++h) {
-    for (int64_t i = 0; i < T; ++i) {
-      acc_t* row = additive + (h * T + i) * Tp;
-      for (int64_t j = 0; j < Tp; ++j) {
-        const bool visible = j < T && mask.visible(b, i, j);
-        row[j] = visible ? (bias ? bias[(h * T + i) * T + j] : acc_t(0)) : neg_inf;
+    for (int64_t j = 0; j < T; ++j) {
+      acc_t* row = additive + (h * T + j) * Tp;
+      for (int64_t i = 0; i < Tp; ++i) {
+        if (i >= T) {
+          row[i] = acc_t(0);
+        } else {
+          row[i] = mask.visible(b, i, j) ? (bias ? bias[(h * T + i) * T + j] : acc_t(0)) : neg_inf;
+        }
       }
     }
   }
 }
 
-// In place: row = softmax(row + additive) over n columns; returns the log-sum-exp. The row max is finite (the
-// diagonal is always visible), masked entries (-inf) give exactly 0.
+// In place on a transposed tile p (T x Tp, row j = key j): column i becomes softmax_j(p[j, i] + additive[j, i]),
+// and lse[i] its log-sum-exp. Every column max is finite (the diagonal is always visible; padded columns have
+// additive 0); masked entries (-inf) give exactly 0. col_sum: Tp values of scratch.
 template <typename acc_t>
-TORCHNOVA_INLINE acc_t softmax_row(acc_t* row, const acc_t* additive, int64_t n) {
-  acc_t row_max = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : row_max)
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] += additive[j];
-    row_max = row[j] > row_max ? row[j] : row_max;
-  }
-  acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    row[j] = cpu::exp_nonpositive(row[j] - row_max);
-    sum += row[j];
-  }
-  const acc_t inv = acc_t(1) / sum;
+TORCHNOVA_INLINE void softmax_columns(acc_t* p, const acc_t* additive, int64_t T, int64_t Tp, acc_t* lse,
+                                      acc_t* col_sum) {
+  acc_t* col_max = lse;
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-  return row_max + std::log(sum);
+  for (int64_t i = 0; i < Tp; ++i) {
+    p[i] += additive[i];
+    col_max[i] = p[i];
+  }
+  for (int64_t j = 1; j < T; ++j) {
+    acc_t* row = p + j * Tp;
+    const acc_t* a = additive + j * Tp;
+#pragma omp simd
+    for (int64_t i = 0; i < Tp; ++i) {
+      row[i] += a[i];
+      col_max[i] = row[i] > col_max[i] ? row[i] : col_max[i];
+    }
+  }
+  std::fill(col_sum, col_sum + Tp, acc_t(0));
+  for (int64_t j = 0; j < T; ++j) {
+    acc_t* row = p + j * Tp;
+#pragma omp simd
+    for (int64_t i = 0; i < Tp; ++i) {
+      row[i] = cpu::exp_nonpositive(row[i] - col_max[i]);
+      col_sum[i] += row[i];
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < Tp; ++i) {
+    lse[i] = col_max[i] + cpu::log_positive(col_sum[i]);
+    col_sum[i] = acc_t(1) / col_sum[i];
+  }
+  for (int64_t j = 0; j < T; ++j) {
+    acc_t* row = p + j * Tp;
+#pragma omp simd
+    for (int64_t i = 0; i < Tp; ++i) row[i] *= col_sum[i];
+  }
 }
 
 // Per-thread cache of the additive tile: rebuilt when the batch index changes and segment ids make it depend on b.
@@ -188,7 +216,8 @@ void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   cpu::parallel_for_isa(B * S, grain, [&](int64_t lo, int64_t hi, auto isa) TORCHNOVA_LAMBDA_INLINE {
     constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
     const int64_t out_staged = ItemOutput<acc_t, scalar_t>::kDirect ? 0 : staged;
-    std::vector<acc_t> qb(staged), kb(staged), vb(staged), ob(out_staged), kt(D * Tp), probs(T * Tp);
+    std::vector<acc_t> qb(staged), kb(staged), vb(staged), ob(out_staged), qt(D * Tp), probs(T * Tp), lse_cols(Tp),
+        scratch(Tp);
     AdditiveTile<acc_t> additive;
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t b = item / S, s = item % S;
@@ -199,12 +228,11 @@ void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const ItemOutput<acc_t, scalar_t> output(out_p, HD, b, s, T, S, H, D, ob.data());
       const auto& orows = output.rows;
       for (int64_t h = 0; h < H; ++h) {
-        cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);                          // K^T (D, Tp)
-        cpu::gemm<W>(T, Tp, D, qr.head(h), qr.ld_t, kt.data(), Tp, probs.data(), Tp, scale);  // scale Q K^T
-        for (int64_t i = 0; i < T; ++i) {
-          lse_p[((b * T + i) * S + s) * H + h] = softmax_row(probs.data() + i * Tp, add + (h * T + i) * Tp, Tp);
-        }
-        cpu::gemm<W>(T, D, T, probs.data(), Tp, vr.head(h), vr.ld_t, orows.head(h), orows.ld_t);  // out = P V
+        cpu::transpose(qr.head(h), qr.ld_t, T, D, qt.data(), Tp);                             // Q^T (D, Tp)
+        cpu::gemm<W>(T, Tp, D, kr.head(h), kr.ld_t, qt.data(), Tp, probs.data(), Tp, scale);  // S^T = scale K Q^T
+        softmax_columns(probs.data(), add + h * T * Tp, T, Tp, lse_cols.data(), scratch.data());
+        for (int64_t i = 0; i < T; ++i) lse_p[((b * T + i) * S + s) * H + h] = lse_cols[i];
+        cpu::gemm<W, true>(T, D, T, probs.data(), Tp, vr.head(h), vr.ld_t, orows.head(h), orows.ld_t);  // out = P V
       }
       output.store();
     }
@@ -228,7 +256,9 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
     constexpr int W = decltype(isa)::kVectorBytes;  // the ISA copy's vector width (cpu_dispatch.h)
     const int64_t out_staged = ItemOutput<acc_t, scalar_t>::kDirect ? 0 : staged;
     std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), dqb(out_staged), dkb(out_staged),
-        dvb(out_staged), kt(D * Tp), vt(D * Tp), probs(T * Tp), dscores(T * Tp);
+        dvb(out_staged), qt(D * Tp), gt(D * Tp), probs(T * Tp), dscores(T * Tp), lse_cols(Tp), delta(Tp);
+    // Padded query columns: lse +inf gives them probability 0 and no gradient.
+    std::fill(lse_cols.begin(), lse_cols.end(), std::numeric_limits<acc_t>::infinity());
     AdditiveTile<acc_t> additive;
     for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
       acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
@@ -245,31 +275,37 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
         const ItemOutput<acc_t, scalar_t> dv_out(grads.dv, grads.token_stride, b, s, T, S, H, D, dvb.data());
         const auto &dqr = dq_out.rows, &dkr = dk_out.rows, &dvr = dv_out.rows;
         for (int64_t h = 0; h < H; ++h) {
-          cpu::transpose(kr.head(h), kr.ld_t, T, D, kt.data(), Tp);
-          cpu::transpose(vr.head(h), vr.ld_t, T, D, vt.data(), Tp);
-          cpu::gemm<W>(T, Tp, D, qr.head(h), qr.ld_t, kt.data(), Tp, probs.data(), Tp, scale);  // scale Q K^T
-          cpu::gemm<W>(T, Tp, D, gr.head(h), gr.ld_t, vt.data(), Tp, dscores.data(), Tp);      // dP = dO V^T
-          for (int64_t i = 0; i < T; ++i) {
-            const acc_t row_lse = lse_p[((b * T + i) * S + s) * H + h];
-            acc_t *p = probs.data() + i * Tp, *ds = dscores.data() + i * Tp;
-            const acc_t* a = add + (h * T + i) * Tp;
-            acc_t row_delta = 0;  // delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
-#pragma omp simd reduction(+ : row_delta)
-            for (int64_t j = 0; j < Tp; ++j) {
-              p[j] = cpu::exp_nonpositive(p[j] + a[j] - row_lse);  // P from the saved lse
-              row_delta += p[j] * ds[j];
-            }
+          cpu::transpose(qr.head(h), qr.ld_t, T, D, qt.data(), Tp);  // Q^T (D, Tp)
+          cpu::transpose(gr.head(h), gr.ld_t, T, D, gt.data(), Tp);  // dO^T (D, Tp)
+          cpu::gemm<W>(T, Tp, D, kr.head(h), kr.ld_t, qt.data(), Tp, probs.data(), Tp, scale);  // S^T = scale K Q^T
+          cpu::gemm<W>(T, Tp, D, vr.head(h), vr.ld_t, gt.data(), Tp, dscores.data(), Tp);       // dP^T = V dO^T
+          for (int64_t i = 0; i < T; ++i) lse_cols[i] = lse_p[((b * T + i) * S + s) * H + h];
+          std::fill(delta.begin(), delta.end(), acc_t(0));
+          const acc_t* add_h = add + h * T * Tp;
+          for (int64_t j = 0; j < T; ++j) {  // P^T from the saved lse; delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
+            acc_t *p = probs.data() + j * Tp, *ds = dscores.data() + j * Tp;
+            const acc_t* a = add_h + j * Tp;
 #pragma omp simd
-            for (int64_t j = 0; j < Tp; ++j) ds[j] = p[j] * (ds[j] - row_delta);  // dS = P o (dP - delta)
-            if (chunk_bias) {
-              acc_t* db = chunk_bias + (h * T + i) * T;
-              for (int64_t j = 0; j < T; ++j) db[j] += ds[j];
+            for (int64_t i = 0; i < Tp; ++i) {
+              p[i] = cpu::exp_nonpositive(p[i] + a[i] - lse_cols[i]);
+              delta[i] += p[i] * ds[i];
             }
           }
-          cpu::gemm<W, true>(T, D, T, probs.data(), Tp, gr.head(h), gr.ld_t, dvr.head(h), dvr.ld_t);  // P^T dO
-          cpu::gemm<W>(T, D, T, dscores.data(), Tp, kr.head(h), kr.ld_t, dqr.head(h), dqr.ld_t, scale);  // scale dS K
-          cpu::gemm<W, true>(T, D, T, dscores.data(), Tp, qr.head(h), qr.ld_t, dkr.head(h), dkr.ld_t,
-                             scale);  // dK = scale dS^T Q
+          for (int64_t j = 0; j < T; ++j) {  // dS^T = P^T o (dP^T - delta)
+            acc_t *p = probs.data() + j * Tp, *ds = dscores.data() + j * Tp;
+#pragma omp simd
+            for (int64_t i = 0; i < Tp; ++i) ds[i] = p[i] * (ds[i] - delta[i]);
+            if (chunk_bias) {  // the chunk's partial dbias, stored transposed like the tiles: [h, j, i]
+              acc_t* db = chunk_bias + (h * T + j) * T;
+#pragma omp simd
+              for (int64_t i = 0; i < T; ++i) db[i] += ds[i];
+            }
+          }
+          cpu::gemm<W>(T, D, T, probs.data(), Tp, gr.head(h), gr.ld_t, dvr.head(h), dvr.ld_t);  // dV = P^T dO
+          cpu::gemm<W>(T, D, T, dscores.data(), Tp, qr.head(h), qr.ld_t, dkr.head(h), dkr.ld_t,
+                       scale);  // dK = scale dS^T Q
+          cpu::gemm<W, true>(T, D, T, dscores.data(), Tp, kr.head(h), kr.ld_t, dqr.head(h), dqr.ld_t,
+                             scale);  // dQ = scale dS K
         }
         dq_out.store();
         dk_out.store();
@@ -280,8 +316,13 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
   if (dbias) {
     const int64_t n = H * T * T;
     std::fill(dbias, dbias + n, acc_t(0));
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-      for (int64_t e = 0; e < n; ++e) dbias[e] += partial[chunk * n + e];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {  // in chunk order; the partials are [h, j, i]
+      const acc_t* part = &partial[chunk * n];
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t j = 0; j < T; ++j) {
+          for (int64_t i = 0; i < T; ++i) dbias[(h * T + i) * T + j] += part[(h * T + j) * T + i];
+        }
+      }
     }
   }
 }
