@@ -13,8 +13,9 @@ Conventions
   timed region. Scalar outputs (losses) get grad 1, as in training; other outputs a fixed random grad.
 * Timing. CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])``, which flushes L2 before every call
   (without triton: CUDA events around each call, with the same 256 MB flush). CPU: warm-up, then
-  ``time.perf_counter`` around each call until ``rep_ms`` is spent (at least ``MIN_REPS`` calls); CPU caches stay
-  warm. Reported: p50 (median), p20 and p80 in ms. ``first_call_ms`` is the case's first call, which carries
+  ``time.perf_counter`` around each call; the providers of one (shape, dtype) take turns in ``CPU_ROUNDS``
+  rounds of warm-up + ``rep_ms / CPU_ROUNDS`` (at least ``MIN_REPS`` calls each), so a slow phase of a shared
+  machine lands on all of them and the ratios stay fair; CPU caches stay warm. Reported: p50 (median), p20 and p80 in ms. ``first_call_ms`` is the case's first call, which carries
   compilation / autotuning (torch.compile, Triton) and is excluded from the quantiles.
 * Peak memory (``peak_mem_mb``): memory one call allocates beyond what already exists (the inputs and, for
   ``bwd``, the retained forward graph). CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
@@ -53,7 +54,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,6 +64,7 @@ from torchnova.energy import energy_counter, grams_co2, resolve_grid_intensity
 MODES = ("fwd", "bwd", "fwd_bwd")
 QUANTILES = (0.5, 0.2, 0.8)
 MIN_REPS = 5
+CPU_ROUNDS = 5  # CPU: the providers of a case take turns in this many timing rounds (CpuTimer)
 WARMUP_MS = 25.0
 L2_FLUSH_BYTES = 256 * 2**20
 BANDWIDTH_PROBE_BYTES = 256 * 2**20
@@ -285,10 +287,41 @@ def _sample_calls(call_ms: Callable[[], float], rep_ms: float) -> list[float]:
     return [call_ms() for _ in range(reps)]
 
 
+class CpuTimer:
+    """CPU samples of one step, taken in one or more rounds: ``run_benchmark`` lets the providers of a case take
+    turns (CPU_ROUNDS rounds), so that a slow phase of a shared machine (the host's neighbours, frequency
+    changes) falls on all of them instead of on whichever ran during it. The first call is timed apart; a
+    round warms up (WARMUP_MS) and then samples ``rep_ms``."""
+
+    def __init__(self, fn: Callable[[], object], grad_to_none: Iterable[torch.Tensor] = ()):
+        self.fn, self.grad_to_none = fn, list(grad_to_none)
+        self.samples: list[float] = []
+        self.first_call_ms: float | None = None
+
+    def _call_ms(self) -> float:
+        for t in self.grad_to_none:
+            t.grad = None
+        start = time.perf_counter()
+        self.fn()
+        return (time.perf_counter() - start) * 1e3
+
+    def sample(self, rep_ms: float) -> None:
+        if self.first_call_ms is None:
+            self.first_call_ms = self._call_ms()
+        self.samples += _sample_calls(self._call_ms, rep_ms)
+
+    def timing(self) -> Timing:
+        return Timing(*_quantiles_ms(self.samples), self.first_call_ms)
+
+
 def measure_time(
     fn: Callable[[], object], device: torch.device, *, grad_to_none: list[torch.Tensor] = (), rep_ms: float = 100.0
 ) -> Timing:
     """Quantiles of ``fn``'s time; the grads of ``grad_to_none`` are reset before every call, untimed."""
+    if device.type != "cuda":
+        timer = CpuTimer(fn, grad_to_none)
+        timer.sample(rep_ms)
+        return timer.timing()
 
     def reset() -> None:
         for t in grad_to_none:
@@ -300,25 +333,13 @@ def measure_time(
     fn()
     _sync(device)
     first_call_ms = (time.perf_counter() - start) * 1e3
-
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            samples = _sample_calls(_cuda_event_timer(fn, reset, device), rep_ms)
-        else:
-            quantiles = do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=list(grad_to_none), quantiles=list(QUANTILES))
-            return Timing(*quantiles, first_call_ms)
-    else:
-
-        def call_ms() -> float:
-            reset()
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-
-        samples = _sample_calls(call_ms, rep_ms)
-    return Timing(*_quantiles_ms(samples), first_call_ms)
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        samples = _sample_calls(_cuda_event_timer(fn, reset, device), rep_ms)
+        return Timing(*_quantiles_ms(samples), first_call_ms)
+    quantiles = do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=list(grad_to_none), quantiles=list(QUANTILES))
+    return Timing(*quantiles, first_call_ms)
 
 
 def _cuda_event_timer(fn, reset, device) -> Callable[[], float]:
@@ -436,10 +457,17 @@ def measure_case(
     header: dict,
     rep_ms: float,
     counter=None,
+    prepared: "PendingCase | None" = None,
 ) -> dict:
+    """One row. ``prepared``: the step already built, and timed in rounds on CPU (run_benchmark)."""
     try:
-        step, grad_inputs = mode_step(forward, case.mode, inputs)
-        timing = measure_time(step, device, grad_to_none=grad_inputs, rep_ms=rep_ms)
+        if prepared is None:
+            step, grad_inputs = mode_step(forward, case.mode, inputs)
+            timing = measure_time(step, device, grad_to_none=grad_inputs, rep_ms=rep_ms)
+        else:
+            if prepared.error is not None:
+                return _empty_row(case, provider, header, "error", prepared.error)
+            step, grad_inputs, timing = prepared.step, prepared.grad_inputs, prepared.timer.timing()
         peak_mem_mb = measure_peak_memory_mb(step, device, grad_to_none=grad_inputs)
         joules = None if counter is None else measure_energy_j(step, device, counter, timing.p50_ms, grad_inputs)
     except Exception as exc:  # a failing provider (compile error, OOM, ...) must not end the run
@@ -537,8 +565,7 @@ def run_benchmark(
                 rows += [_empty_row(c, p, header, "error", f"inputs: {error}") for p in providers for c in cases]
                 _advance(on_step, cases[0], len(providers) * len(cases))
                 continue
-            for provider in providers:
-                rows += _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step, counter)
+            rows += _run_cases(bench, providers, cases, inputs, device, header, rep_ms, on_step, counter)
             del inputs
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -551,20 +578,68 @@ def _advance(on_step: Callable[[str], None], case: Case, n: int) -> None:
         on_step(case.shape_str)
 
 
-def _run_provider(bench, provider, cases, inputs, device, header, rep_ms, on_step, counter) -> list[dict]:
-    try:
-        why = provider.reasons(inputs)
-        forward = None if why else provider.make(inputs)
-    except Exception as exc:
-        _advance(on_step, cases[0], len(cases))
-        return [_empty_row(c, provider, header, "error", _error_text(exc)) for c in cases]
-    if why:
-        _advance(on_step, cases[0], len(cases))
-        return [_empty_row(c, provider, header, "skipped", "; ".join(why)) for c in cases]
+@dataclass
+class PendingCase:
+    """A provider's step for one case, built before the CPU timing rounds."""
+
+    provider: Provider
+    forward: Callable[[], torch.Tensor]
+    case: Case
+    step: Callable[[], object] | None = None
+    grad_inputs: list = field(default_factory=list)
+    timer: CpuTimer | None = None
+    error: str | None = None
+
+
+def _run_cases(bench, providers, cases, inputs, device, header, rep_ms, on_step, counter) -> list[dict]:
+    """Rows of every provider x mode of one (shape, dtype), in provider order. On a GPU each is measured as soon
+    as it is built (one retained graph at a time); on CPU all are built first and timed in CPU_ROUNDS rounds
+    in turn (CpuTimer), then their memory and energy are measured one by one."""
+    slots: list = []  # a finished row (dict), a row already counted by on_step (1-tuple), or a PendingCase
+    for provider in providers:
+        try:
+            why = provider.reasons(inputs)
+            forward = None if why else provider.make(inputs)
+        except Exception as exc:
+            slots += [_empty_row(c, provider, header, "error", _error_text(exc)) for c in cases]
+            continue
+        if why:
+            slots += [_empty_row(c, provider, header, "skipped", "; ".join(why)) for c in cases]
+            continue
+        for case in cases:
+            if device.type == "cuda":
+                on_step(f"{case.shape_str} {case.mode} {provider.name}")
+                slots.append((measure_case(bench, provider, forward, case, inputs, device, header, rep_ms, counter),))
+                continue
+            pending = PendingCase(provider, forward, case)
+            try:
+                pending.step, pending.grad_inputs = mode_step(forward, case.mode, inputs)
+                pending.timer = CpuTimer(pending.step, pending.grad_inputs)
+            except Exception as exc:
+                pending.error = _error_text(exc)
+            slots.append(pending)
+    pending_cases = [slot for slot in slots if isinstance(slot, PendingCase)]
+    for _ in range(CPU_ROUNDS if pending_cases else 0):
+        for pending in pending_cases:
+            if pending.error is None:
+                try:
+                    pending.timer.sample(rep_ms / CPU_ROUNDS)
+                except Exception as exc:
+                    pending.error = _error_text(exc)
     rows = []
-    for case in cases:
-        on_step(f"{case.shape_str} {case.mode} {provider.name}")
-        rows.append(measure_case(bench, provider, forward, case, inputs, device, header, rep_ms, counter))
+    for slot in slots:
+        if isinstance(slot, tuple):
+            rows.append(slot[0])
+            continue
+        if isinstance(slot, dict):
+            on_step(slot["shape"])
+            rows.append(slot)
+            continue
+        on_step(f"{slot.case.shape_str} {slot.case.mode} {slot.provider.name}")
+        rows.append(
+            measure_case(bench, slot.provider, slot.forward, slot.case, inputs, device, header, rep_ms, counter, slot)
+        )
+        slot.step = slot.timer = None  # release the retained graph before the next one is measured
     return rows
 
 
