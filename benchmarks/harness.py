@@ -15,8 +15,9 @@ Conventions
   (without triton: CUDA events around each call, with the same 256 MB flush). CPU: warm-up, then
   ``time.perf_counter`` around each call; the providers of one (shape, dtype) take turns in ``CPU_ROUNDS``
   rounds of warm-up + ``rep_ms / CPU_ROUNDS`` (at least ``MIN_REPS`` calls each), so a slow phase of a shared
-  machine lands on all of them and the ratios stay fair; CPU caches stay warm. Reported: p50 (median), p20 and p80 in ms. ``first_call_ms`` is the case's first call, which carries
-  compilation / autotuning (torch.compile, Triton) and is excluded from the quantiles.
+  machine lands on all of them and the ratios stay fair; CPU caches stay warm. Reported: p50 (median), p20 and
+  p80 in ms. ``first_call_ms`` is the case's first call, which carries compilation / autotuning
+  (torch.compile, Triton) and is excluded from the quantiles.
 * Peak memory (``peak_mem_mb``): memory one call allocates beyond what already exists (the inputs and, for
   ``bwd``, the retained forward graph). CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats`` minus
   ``memory_allocated`` before. CPU: high-water mark of the allocations that ``torch.profiler``
@@ -580,7 +581,7 @@ def _advance(on_step: Callable[[str], None], case: Case, n: int) -> None:
 
 @dataclass
 class PendingCase:
-    """A provider's step for one case, built before the CPU timing rounds."""
+    """A provider's step for one case: built before the CPU timing rounds, or (GPU) measured at once into row."""
 
     provider: Provider
     forward: Callable[[], torch.Tensor]
@@ -589,13 +590,14 @@ class PendingCase:
     grad_inputs: list = field(default_factory=list)
     timer: CpuTimer | None = None
     error: str | None = None
+    row: dict | None = None
 
 
 def _run_cases(bench, providers, cases, inputs, device, header, rep_ms, on_step, counter) -> list[dict]:
     """Rows of every provider x mode of one (shape, dtype), in provider order. On a GPU each is measured as soon
     as it is built (one retained graph at a time); on CPU all are built first and timed in CPU_ROUNDS rounds
     in turn (CpuTimer), then their memory and energy are measured one by one."""
-    slots: list = []  # a finished row (dict), a row already counted by on_step (1-tuple), or a PendingCase
+    slots: list = []  # a skipped / failed provider's row (dict) or a PendingCase
     for provider in providers:
         try:
             why = provider.reasons(inputs)
@@ -607,18 +609,18 @@ def _run_cases(bench, providers, cases, inputs, device, header, rep_ms, on_step,
             slots += [_empty_row(c, provider, header, "skipped", "; ".join(why)) for c in cases]
             continue
         for case in cases:
+            pending = PendingCase(provider, forward, case)
+            slots.append(pending)
             if device.type == "cuda":
                 on_step(f"{case.shape_str} {case.mode} {provider.name}")
-                slots.append((measure_case(bench, provider, forward, case, inputs, device, header, rep_ms, counter),))
+                pending.row = measure_case(bench, provider, forward, case, inputs, device, header, rep_ms, counter)
                 continue
-            pending = PendingCase(provider, forward, case)
             try:
                 pending.step, pending.grad_inputs = mode_step(forward, case.mode, inputs)
                 pending.timer = CpuTimer(pending.step, pending.grad_inputs)
             except Exception as exc:
                 pending.error = _error_text(exc)
-            slots.append(pending)
-    pending_cases = [slot for slot in slots if isinstance(slot, PendingCase)]
+    pending_cases = [slot for slot in slots if isinstance(slot, PendingCase) and slot.row is None]
     for _ in range(CPU_ROUNDS if pending_cases else 0):
         for pending in pending_cases:
             if pending.error is None:
@@ -628,8 +630,8 @@ def _run_cases(bench, providers, cases, inputs, device, header, rep_ms, on_step,
                     pending.error = _error_text(exc)
     rows = []
     for slot in slots:
-        if isinstance(slot, tuple):
-            rows.append(slot[0])
+        if isinstance(slot, PendingCase) and slot.row is not None:
+            rows.append(slot.row)
             continue
         if isinstance(slot, dict):
             on_step(slot["shape"])

@@ -293,3 +293,27 @@ def test_cli_gate_exit_codes_on_saved_files(tmp_path, capsys):
     assert main(["--compare", str(tmp_path), "--current", str(slower)]) == 0  # a folder of results; no gate
     with pytest.raises(SystemExit):
         main(["--fail-if-regression", "10"])  # needs --compare
+
+
+def test_cpu_providers_take_turns_in_rounds(cpu_header):
+    # A slow phase of the machine must fall on every provider of a case: their timed calls interleave in
+    # CPU_ROUNDS rounds instead of one provider's calls all running before the next provider's.
+    calls = []
+
+    def recording(name):
+        return lambda inputs: lambda: calls.append(name) or inputs["x"].sum()
+
+    bench = fake_op()
+    bench = OpBenchmark(
+        name="turns",
+        make_inputs=bench.make_inputs,
+        providers=[Provider("eager", True, recording("eager")), Provider("torchnova-a", False, recording("a"))],
+        shapes=[{"n": 10}],
+        quick_shapes=[{"n": 10}],
+    )
+    rows = harness.run_benchmark(
+        bench, torch.device("cpu"), cpu_header, shapes=bench.shapes, dtypes=[torch.float32], modes=["fwd"], rep_ms=1.0
+    )
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    switches = sum(1 for before, after in zip(calls, calls[1:]) if before != after)
+    assert switches >= 2 * harness.CPU_ROUNDS - 1
