@@ -7,6 +7,7 @@ Examples:
   python -m benchmarks --compare saved/ --fail-if-regression 10   # exit 1 if a torchnova row got >10% slower
   python -m benchmarks --current new/ --compare old/             # compare two saved runs, measure nothing
   python -m benchmarks --grid-intensity 56                        # gCO2/kWh of your grid (default: 475)
+  python -m benchmarks --tune                                     # GPU: measure the backends, write auto's order
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="with --compare: exit 1 when a torchnova row is more than PCT%% slower")  # fmt: skip
     parser.add_argument("--current", type=Path, default=None, metavar="PATH",
                         help="with --compare: take the current results from PATH instead of measuring")  # fmt: skip
+    parser.add_argument("--tune", action="store_true",
+                        help="GPU only: time the cuda and triton backends per (op, dtype, shape bucket) and write the "
+                        "order backend='auto' follows on this GPU to the tune cache (torchnova._tuning)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.tune and not args.device.startswith("cuda"):
+        parser.error("--tune measures GPU backends: it needs a CUDA device")
     if (args.fail_if_regression is not None or args.current is not None) and args.compare is None:
         parser.error("--fail-if-regression and --current need --compare PATH")
     if args.fail_if_regression is not None and args.fail_if_regression < 0:
@@ -111,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.current is not None:
         return _report_comparison(baseline_rows, compare.load_rows(args.current), args.fail_if_regression)
     device = torch.device(args.device)
+    if args.tune:
+        from . import tune
+
+        dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.bfloat16, torch.float32]
+        tune.tune(device, [op for op in args.ops if op in tune.TUNE_GRID], dtypes)
+        return 0
     quick = args.quick or (device.type == "cpu" and not args.full)
     rep_ms = REP_MS[device.type, quick]
     spec = harness.device_spec(device)

@@ -4,7 +4,10 @@ Each op registers its backends in priority order (fastest first, as measured). A
 ``reasons(**inputs) -> list[str]`` function that says, from metadata only (device, dtype, shapes, compute
 capability, what was built), why it cannot run these inputs; an empty list means it can.
 
-* ``backend="auto"`` (or ``TORCHNOVA_BACKEND`` unset/"auto") picks the first backend with no reasons.
+* ``backend="auto"`` (or ``TORCHNOVA_BACKEND`` unset/"auto") picks the first backend with no reasons, in the
+  order ``auto_order`` gives: on CUDA tensors the order a ``python -m benchmarks --tune`` run measured on this GPU
+  (``_tuning``), else the roofline model's prediction (``_roofline``, docs/performance.md); elsewhere the
+  registration order.
 * A named backend (argument, or ``TORCHNOVA_BACKEND``) that cannot run raises ``ValueError`` naming the inputs
   and every reason, instead of silently falling back to something else.
 
@@ -65,17 +68,51 @@ def describe_inputs(**inputs) -> str:
     return ", ".join(parts)
 
 
+def _first_tensor(inputs: dict) -> torch.Tensor | None:
+    return next((v for v in inputs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def auto_order(op: str, **inputs) -> tuple[list[str], str]:
+    """(backend names in the order ``auto`` tries them, where that order comes from)."""
+    names = backends_for(op)
+    x = _first_tensor(inputs)
+    if x is None or x.device.type != "cuda":
+        return names, "registration order"
+    from . import _roofline
+
+    gpu = _roofline.device_name(_roofline.device_index(x.device))
+    return gpu_order(op, gpu, x.dtype, **inputs)
+
+
+def gpu_order(op: str, gpu: str, dtype: torch.dtype, **inputs) -> tuple[list[str], str]:
+    """The order on the GPU named ``gpu``: measured (tune cache) if this (GPU, op, dtype, bucket) was tuned, else
+    the roofline model's. Split from ``auto_order`` so tests can ask for any GPU on CPU tensors."""
+    from . import _roofline, _tuning
+
+    names = backends_for(op)
+    work = _roofline.workload(op, **inputs)
+    if work is None:
+        return names, "registration order"
+    measured = _tuning.cached_order(gpu, op, _tuning.dtype_name(dtype), work.bucket)
+    if measured:
+        order = [b for b in measured if b in names]
+        return order + [b for b in names if b not in order], f"measured ({_tuning.cache_path()})"
+    peaks = _roofline.peaks_for(gpu)
+    return _roofline.roofline_order(names, work, dtype, peaks), f"roofline model ({peaks.name} peaks)"
+
+
 def select(op: str, requested: str | None, **inputs) -> str:
     """Resolve ``requested`` ("auto", None or a backend name) to a backend that can run these inputs."""
     if requested is None or requested == "auto":
         requested = os.environ.get(ENV_VAR, "auto") or "auto"
     if requested == "auto":
+        by_name = {b.name: b for b in _REGISTRY[op]}
         all_reasons = {}
-        for b in _REGISTRY[op]:
-            why = b.reasons(**inputs)
+        for name in auto_order(op, **inputs)[0]:
+            why = by_name[name].reasons(**inputs)
             if not why:
-                return b.name
-            all_reasons[b.name] = why
+                return name
+            all_reasons[name] = why
         raise ValueError(_no_backend_message(op, "auto", all_reasons, inputs))
     why = reasons(op, requested, **inputs)
     if why:

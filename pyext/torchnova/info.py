@@ -8,7 +8,7 @@ import sys
 import torch
 
 import torchnova
-from torchnova import _backend, _ext
+from torchnova import _backend, _ext, _tuning
 
 
 def _example_inputs(device: torch.device, dtype: torch.dtype) -> dict:
@@ -61,9 +61,13 @@ def report() -> str:
         for dtype in (torch.float32, torch.bfloat16):
             for op, inputs in _example_inputs(device, dtype).items():
                 lines.append(f"{op} on {device.type} {str(dtype).replace('torch.', '')}:")
+                order, source = _backend.auto_order(op, **inputs)
+                lines.append(f"  auto tries {', '.join(order)} ({source})")
                 for name in _backend.backends_for(op):
                     why = _backend.reasons(op, name, **inputs)
                     lines.append(f"  {name:<10} " + ("can run" if not why else "cannot run: " + "; ".join(why)))
+    lines.append("")
+    lines.append(f"auto on a GPU: {_tuning.status()}; buckets not in it follow the roofline model (docs/performance.md)")
     return "\n".join(lines)
 
 

@@ -270,7 +270,8 @@ def cogvideo_attention(
     """
     grid_h, grid_w = _validate_attention(q, k, v, text_len, frames, grid, channel, attention, window, shifted,
                                          stage, text_pad_mask)
-    chosen = _backend.select(OP, backend, x=q, head_dim=q.shape[-1])
+    chosen = _backend.select(OP, backend, x=q, head_dim=q.shape[-1], text_len=text_len, frames=frames,
+                             grid=(grid_h, grid_w), channel=channel, attention=attention, window=window)
     args = (text_len, frames, grid_h, grid_w, channel, attention, window, shifted, stage)
     if chosen == "reference":
         return cogvideo_attention_ref(q, k, v, text_pad_mask, *args)[0]
