@@ -332,3 +332,19 @@ def test_benchmark_header_records_the_grid_source():
     spec = harness.DeviceSpec("CPU fake", 10.0, 0.5, "float32", "measured")
     header = harness.machine_header(torch.device("cpu"), spec, grid)
     assert header["grid_intensity_gco2_per_kwh"] == 56.0 and header["grid_intensity_source"] == "France: CodeCarbon test"
+
+
+def test_train_mesa_region_table_prices_one_training_per_method():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "train_mesa.py"
+    spec = importlib.util.spec_from_file_location("train_mesa_for_carbon", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = [{"method": "plain", "train_joules": 3.6e6}, {"method": "plain", "train_joules": 7.2e6},  # 1.5 kWh
+               {"method": "mesa", "train_joules": None}]  # fmt: skip
+    regions = [("Norway", energy.GridIntensity(30.0, "Norway", "t")), ("yours", energy.GridIntensity(60.0, "X", "t"))]
+    table = example.region_table(results, ["plain", "mesa"], regions).splitlines()
+    assert table[0].split(" | ") == ["region   ", "gCO2/kWh", "x cleanest", "plain gCO2", "mesa gCO2"]
+    assert [c.strip() for c in table[1].split(" | ")] == ["Norway", "30", "1.0", "45", "n/a"]
+    assert [c.strip() for c in table[2].split(" | ")] == ["yours (X)", "60", "2.0", "90", "n/a"]
