@@ -290,8 +290,10 @@ def _summary_rows(j_per_iter):
                 "is_baseline": baseline, "status": "ok", "p50_ms": p50, "speedup": None, "pct_bw": None,
                 "pct_tflops": None, "j_per_iter": None if baseline else j_per_iter}  # fmt: skip
 
-    return [row("n=1", "fwd_bwd", "torchnova-cpp", False, 1.0), row("n=9", "fwd", "torchnova-cpp", False, 2.0),
-            row("n=9", "fwd_bwd", "torchnova-cpp", False, 3.0), row("n=9", "fwd_bwd", "torch-eager", True, 4.0)]  # fmt: skip
+    return [
+        row("n=1", "fwd_bwd", "torchnova-cpp", False, 1.0), row("n=9", "fwd", "torchnova-cpp", False, 2.0),
+        row("n=9", "fwd_bwd", "torchnova-cpp", False, 3.0), row("n=9", "fwd_bwd", "torch-eager", True, 4.0),
+    ]  # fmt: skip
 
 
 def test_benchmark_carbon_line_picks_the_largest_training_step():
@@ -302,7 +304,9 @@ def test_benchmark_carbon_line_picks_the_largest_training_step():
     text = harness.carbon_line(_summary_rows(3.6), regions, why_na="unused", hourly=hourly)
     first, second = text.splitlines()
     # 1,000 × 3.6 J = 3.6 kJ = 1e-3 kWh: 0.1 g at 100 gCO2/kWh, 0.4 g at 400; 1,000 × 3 ms = 3 s.
-    assert first == "CO2 of 1,000 iterations of fake fwd_bwd n=9 float32 (torchnova-cpp, 3 s) (3600 J): A 0.1 g | B 0.4 g"
+    assert first == (
+        "CO2 of 1,000 iterations of fake fwd_bwd n=9 float32 (torchnova-cpp, 3 s) (3600 J): A 0.1 g | B 0.4 g"
+    )
     assert second.startswith("start hour for 1,000 iterations (3 s, hourly_intensity.csv): cheapest 13:00")
     na = harness.carbon_line(_summary_rows(None), regions, why_na="no RAPL: test")
     assert "energy n/a (no RAPL: test), not priced; gCO2/kWh: A 100 | B 400" in na
@@ -331,7 +335,8 @@ def test_benchmark_header_records_the_grid_source():
     grid = energy.GridIntensity(56.0, "France", "CodeCarbon test")
     spec = harness.DeviceSpec("CPU fake", 10.0, 0.5, "float32", "measured")
     header = harness.machine_header(torch.device("cpu"), spec, grid)
-    assert header["grid_intensity_gco2_per_kwh"] == 56.0 and header["grid_intensity_source"] == "France: CodeCarbon test"
+    assert header["grid_intensity_gco2_per_kwh"] == 56.0
+    assert header["grid_intensity_source"] == "France: CodeCarbon test"
 
 
 def test_train_mesa_region_table_prices_one_training_per_method():
