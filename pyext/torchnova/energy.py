@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_GRID_INTENSITY = 475.0  # gCO2/kWh, IEA Global Energy & CO2 Status Report 2019, world average
-DEFAULT_SOURCE = "fixed default: IEA Global Energy & CO2 Status Report 2019 world average"
+DEFAULT_SOURCE = "fixed default, IEA Global Energy & CO2 Status Report 2019"
 GRID_INTENSITY_ENV = "TORCHNOVA_GRID_INTENSITY"
 POWERCAP = Path("/sys/class/powercap")
 JOULES_PER_KWH = 3.6e6
@@ -91,7 +91,7 @@ class GridIntensity:
 
     g_per_kwh: float
     name: str  # "France", "gcp:us-central1 (Council Bluffs, USA)", "world average", "given"
-    source: str  # "CodeCarbon 3.3.2 global_energy_mix.json, Our World in Data, 2023", "fixed default: ..."
+    source: str  # "CodeCarbon 3.3.2 global_energy_mix.json, Our World in Data, 2023", "fixed default, IEA ..."
 
     def grams(self, joules: float) -> float:
         return grams_co2(joules, self.g_per_kwh)
