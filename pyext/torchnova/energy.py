@@ -90,7 +90,7 @@ class GridIntensity:
     """A grid's carbon intensity with what it is and where the figure comes from."""
 
     g_per_kwh: float
-    name: str  # "France", "gcp:us-central1 (Council Bluffs, USA)", "world average", "given"
+    name: str  # "France", "gcp:us-central1 (Council Bluffs, Iowa, USA)", "world average", "given"
     source: str  # "CodeCarbon 3.3.2 global_energy_mix.json, Our World in Data, 2023", "fixed default, IEA ..."
 
     def grams(self, joules: float) -> float:
@@ -151,7 +151,7 @@ class _CodeCarbonData:
             )
         row = match.iloc[0]
         kg = self.emissions.get_cloud_emissions(self._one_kwh, self._cloud(provider=provider, region=region))
-        place = ", ".join(str(v) for v in (row["city"], row["country_name"]) if isinstance(v, str) and v)
+        place = ", ".join(v for v in (row["city"], row["state"], row["country_name"]) if isinstance(v, str) and v)
         return GridIntensity(
             1000.0 * kg, f"{provider}:{region} ({place})",
             f"CodeCarbon {self.version} cloud/impact.csv, {row['providerName']}'s region data",
@@ -244,12 +244,11 @@ def region_prices(
     if not regions:
         return f"CO2 of {what}: no regions"
     spread = ""
-    if len(regions) > 2:
-        (lo_name, lo), (hi_name, hi) = min(regions, key=lambda r: r[1].g_per_kwh), max(
-            regions, key=lambda r: r[1].g_per_kwh
-        )
-        if lo.g_per_kwh > 0:
-            spread = f"; {hi_name} {hi.g_per_kwh / lo.g_per_kwh:.0f}x {lo_name}"
+    lo_name, lo = min(regions, key=lambda r: r[1].g_per_kwh)
+    hi_name, hi = max(regions, key=lambda r: r[1].g_per_kwh)
+    if len(regions) > 2 and lo.g_per_kwh > 0:  # the dirtiest against the cleanest: the point of the line
+        ratio = hi.g_per_kwh / lo.g_per_kwh
+        spread = f"; {hi_name} {ratio:.1f}x {lo_name}" if ratio < 10 else f"; {hi_name} {ratio:.0f}x {lo_name}"
     extra = f" ({note})" if note else ""
     if joules is None:
         cells = " | ".join(f"{label} {grid.g_per_kwh:.0f}" for label, grid in regions)
