@@ -27,6 +27,12 @@ country's electricity from Our World in Data (the latest year each country has, 
 in the source string), and ``data/cloud/impact.csv``, Google Cloud's own per-region grid intensity (GCP regions
 only: CodeCarbon ships none for AWS or Azure).
 
+Against CodeCarbon's own ``OfflineEmissionsTracker`` reading the same RAPL counter (tests/test_carbon.py, fake
+counter): the CPU energy agrees to 1e-6 (CodeCarbon converts µJ to kWh with the rounded factor 2.77778e-7). Its
+total is larger by its RAM figure, a model (5 W per estimated DIMM × time) rather than a counter, which the
+meter here does not add; and it skips its closing sample when the last one is under 50 ms old, so work shorter
+than that reads 0 kWh there. On NVIDIA GPUs both read NVML's total-energy counter (not compared here: no GPU).
+
 Where and when matter: the same energy costs ~24× more CO2 in India than in Norway (``region_prices``), and a
 grid's intensity changes over the day. ``load_hourly_intensity`` reads a CSV of (hour, gCO2/kWh), e.g. an export
 from your grid operator, and ``start_hour_range`` gives the cheapest and the most expensive hour to start a run of
