@@ -8,6 +8,13 @@ Examples:
   python -m benchmarks --current new/ --compare old/             # compare two saved runs, measure nothing
   python -m benchmarks --grid-intensity 56                        # gCO2/kWh of your grid (default: 475)
   python -m benchmarks --tune                                     # GPU: measure the backends, write auto's order
+  python -m benchmarks --country FRA                              # your grid from CodeCarbon's data (or --cloud
+                                                                  #   gcp:europe-west1); pip install torchnova[carbon]
+  python -m benchmarks --hourly-csv grid.csv                      # + cheapest / most expensive start hour
+
+After each op's table, one line prices the energy of 1,000 iterations in contrasting regions (Norway, France, US
+central, Germany, India, and yours) from CodeCarbon's bundled data; where the energy cannot be measured (no RAPL
+or NVML), the line says so and shows the regions' intensities only.
 """
 
 from __future__ import annotations
@@ -20,7 +27,14 @@ from pathlib import Path
 
 import torch
 
-from torchnova.energy import DEFAULT_GRID_INTENSITY, energy_counter
+from torchnova.energy import (
+    DEFAULT_GRID_INTENSITY,
+    comparison_regions,
+    describe_regions,
+    energy_counter,
+    grid_intensity,
+    load_hourly_intensity,
+)
 
 from . import compare, harness
 
@@ -64,10 +78,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     grid.add_argument("--full", action="store_true", help="every shape (the default on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
-    parser.add_argument(
+    carbon = parser.add_mutually_exclusive_group()
+    carbon.add_argument(
         "--grid-intensity", type=float, default=None, metavar="G",
         help=f"grid carbon intensity in gCO2/kWh for the CO2 columns (default {DEFAULT_GRID_INTENSITY:g}, "
         "IEA 2019 world average; or TORCHNOVA_GRID_INTENSITY)",
+    )  # fmt: skip
+    carbon.add_argument(
+        "--country", default=None, metavar="ISO3",
+        help="your grid: a country's intensity from CodeCarbon's bundled data, ISO 3166-1 alpha-3 (e.g. FRA)",
+    )  # fmt: skip
+    carbon.add_argument(
+        "--cloud", default=None, metavar="PROVIDER:REGION",
+        help="your grid: a cloud region's intensity from CodeCarbon's bundled data (e.g. gcp:europe-west1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hourly-csv", type=Path, default=None, metavar="PATH",
+        help="CSV of (hour, gCO2/kWh) of your grid: adds the cheapest and most expensive start hour per op",
     )  # fmt: skip
     parser.add_argument("--compare", type=Path, default=None, metavar="PATH",
                         help="saved results (.json/.csv file or results folder) to compare this run with")  # fmt: skip
@@ -91,6 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown value(s): {', '.join(unknown)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.current is None:  # a measuring run: resolve the grid and the hourly profile now, errors as usage errors
+        try:
+            args.grid = grid_intensity(args.grid_intensity, country=args.country, cloud=args.cloud)
+            args.hourly = load_hourly_intensity(args.hourly_csv) if args.hourly_csv is not None else None
+        except (ValueError, TypeError, OSError) as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -126,10 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or (device.type == "cpu" and not args.full)
     rep_ms = REP_MS[device.type, quick]
     spec = harness.device_spec(device)
-    header = harness.machine_header(device, spec, args.grid_intensity)
-    counter, _ = energy_counter(device)
+    header = harness.machine_header(device, spec, args.grid)
+    counter, why_no_counter = energy_counter(device)
+    regions, regions_note = comparison_regions(args.grid)
     out_dir = args.out or Path(__file__).parent / "results" / harness.slug(spec.name)
-    print(f"torchnova benchmarks ({'quick' if quick else 'full'} grid)\n{harness.format_header(header)}\n", flush=True)
+    print(f"torchnova benchmarks ({'quick' if quick else 'full'} grid)\n{harness.format_header(header)}", flush=True)
+    print(f"grid carbon intensity of the regions priced after each op{f' ({regions_note})' if regions_note else ''}:")
+    print(describe_regions(regions) + "\n", flush=True)
 
     plans = []
     for op in args.ops:
@@ -155,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         written = harness.write_results(rows, header, out_dir, bench.name)
         write(f"\n{harness.format_table(rows)}\n\n{harness.format_summary(rows)}\n")
+        carbon = harness.carbon_line(rows, regions, why_na=why_no_counter or "not measured", hourly=args.hourly)
+        if carbon:
+            write(f"{carbon}\n")
         write(f"wrote {', '.join(str(p) for p in written)}\n")
         all_rows += rows
     close()

@@ -31,9 +31,11 @@ Conventions
   is only filled where the row's dtype matches the peak's (bf16/fp16 rows vs a bf16 peak; fp32 vs fp32).
 * Energy (``j_per_iter``, ``gco2_per_1k_iter``): where ``torchnova.energy`` finds a counter (NVML on NVIDIA
   GPUs, RAPL on CPUs), each ok row also runs its step back to back for at least ``ENERGY_MIN_SECONDS`` and
-  divides the counter's joules by the calls; CO2 = joules × the header's grid intensity. The counters cover
-  the whole GPU board / CPU package, idle power included. Without a counter both are empty and the header's
-  ``energy_counter`` says why.
+  divides the counter's joules by the calls; CO2 = joules × the header's grid intensity
+  (``grid_intensity_source`` says which grid and where its figure comes from). The counters cover the whole
+  GPU board / CPU package, idle power included. Without a counter both are empty and the header's
+  ``energy_counter`` says why. ``carbon_line`` prices one row's energy of 1,000 iterations in several regions
+  (and, given an hourly profile, at the cheapest and the most expensive start hour).
 * ``speedup`` (torchnova rows only) = best baseline p50 / this p50 in the same (op, shape, dtype, mode):
   > 1 means faster than every baseline.
 * Failures never stop a run: a provider with reasons is recorded with status ``skipped``, an exception
@@ -60,7 +62,15 @@ from pathlib import Path
 
 import torch
 
-from torchnova.energy import energy_counter, grams_co2, resolve_grid_intensity
+from torchnova.energy import (
+    GridIntensity,
+    HourlyIntensity,
+    as_grid_intensity,
+    energy_counter,
+    grams_co2,
+    region_prices,
+    start_hours_line,
+)
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 QUANTILES = (0.5, 0.2, 0.8)
@@ -230,9 +240,12 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def machine_header(device: torch.device, spec: DeviceSpec, grid_intensity: float | None = None) -> dict:
+def machine_header(
+    device: torch.device, spec: DeviceSpec, grid_intensity: GridIntensity | float | None = None
+) -> dict:
     """What ran where; ``energy_counter`` names the counter used, or "n/a: <why>"."""
     cuda = device.type == "cuda"
+    grid = as_grid_intensity(grid_intensity)
     counter, why = energy_counter(device)
     driver = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None
     return {
@@ -255,7 +268,8 @@ def machine_header(device: torch.device, spec: DeviceSpec, grid_intensity: float
         "peak_tflops_dtype": spec.tflops_dtype,
         "peak_source": spec.source,
         "energy_counter": counter.name if counter is not None else f"n/a: {why}",
-        "grid_intensity_gco2_per_kwh": resolve_grid_intensity(grid_intensity),
+        "grid_intensity_gco2_per_kwh": grid.g_per_kwh,
+        "grid_intensity_source": f"{grid.name}: {grid.source}",
     }
 
 
@@ -762,6 +776,36 @@ def format_summary(rows: list[dict]) -> str:
     lines = [f"summary: {summary[0]['op']} (torchnova's fastest backend vs the fastest baseline)"]
     lines += ["  ".join(n.ljust(w) for n, w in zip(names, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells]
+    return "\n".join(lines)
+
+
+def carbon_line(
+    rows: list[dict],
+    regions: list[tuple[str, GridIntensity]],
+    *,
+    why_na: str,
+    note: str = "",
+    hourly: HourlyIntensity | None = None,
+    iterations: int = 1000,
+) -> str:
+    """The CO2 of ``iterations`` calls of one row priced in every region, from its measured energy (or the regions'
+    intensities and ``why_na`` where it has none); with ``hourly``, the cheapest and most expensive start hour
+    for a run of that length. The row: torchnova's fastest backend on the grid's last (largest) shape in
+    ``fwd_bwd`` (a training step), else in the last mode measured."""
+    summary = summarize(rows)
+    if not summary:
+        return ""
+    mode = "fwd_bwd" if any(s["mode"] == "fwd_bwd" for s in summary) else summary[-1]["mode"]
+    pick = [s for s in summary if s["mode"] == mode][-1]
+    seconds = iterations * pick["torchnova_ms"] * 1e-3
+    joules = None if pick["j_per_iter"] is None else iterations * pick["j_per_iter"]
+    what = (
+        f"{iterations:,} iterations of {pick['op']} {mode} {pick['shape']} {pick['dtype']} "
+        f"({pick['torchnova']}, {seconds:.3g} s)"
+    )
+    lines = [region_prices(joules, regions, what=what, note=note, why_na=why_na)]
+    if hourly is not None:
+        lines.append(start_hours_line(hourly, seconds, joules, what=f"{iterations:,} iterations"))
     return "\n".join(lines)
 
 

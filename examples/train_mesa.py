@@ -14,6 +14,13 @@ training loss when the weights w move by ε with ‖ε‖ = ρ (SAM's definition
   adversarial:  L(w + ρ·g/‖g‖) − L(w), g = ∇L(w) (SAM's one-step ascent)
 Prints a table (test accuracy mean ± std over seeds, final train loss, time per epoch, extra memory, energy,
 sharpness) and saves a PNG of the curves when matplotlib is available.
+
+Then the carbon study's comparison: the CO2 of one whole training of each method priced in contrasting regions
+(Norway, France, US central, Germany, India, and yours: --country FRA, --cloud gcp:europe-west1 or
+--grid-intensity G) from the same measured energy, with CodeCarbon's bundled intensities (pip install
+torchnova[carbon]). Where the machine has no energy counter (RAPL/NVML) the CO2 cells say n/a and only the
+intensities are shown. --hourly-csv PATH (hour, gCO2/kWh of your grid) adds the cheapest and the most expensive
+hour to start a training of the measured length.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ import torch
 from torch import nn
 
 import torchnova
-from torchnova.energy import EnergyMeter
+from torchnova.energy import (
+    EnergyMeter,
+    comparison_regions,
+    describe_regions,
+    grid_intensity,
+    load_hourly_intensity,
+    start_hours_line,
+)
 from torchnova.mesa import memory_estimate
 
 
@@ -125,7 +139,7 @@ def run(method: str, seed: int, data, args) -> dict:
         model.train()
         order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         total, seen = 0.0, 0
-        with EnergyMeter("cpu") as meter:
+        with EnergyMeter("cpu", grid_intensity=args.grid) as meter:
             for indices in order.split(args.batch_size):
                 x, y = x_train[indices], y_train[indices]
                 logits = model(x)
@@ -155,6 +169,8 @@ def run(method: str, seed: int, data, args) -> dict:
         "j_per_epoch": statistics.mean(joules) if all(j is not None for j in joules) else None,
         "gco2_per_epoch": statistics.mean(m.grams_co2 for m in energy) if joules[0] is not None else None,
         "energy_note": energy[0].reason,
+        "train_seconds": sum(epoch_seconds),  # the training loop itself: the evaluations in between excluded
+        "train_joules": sum(joules) if all(j is not None for j in joules) else None,
     }  # fmt: skip
 
 
@@ -179,6 +195,25 @@ def summarize(results: list[dict], methods: list[str], rho: float) -> str:
             _mean_std([r["sharp_random"] for r in runs], digits=4),
             _mean_std([r["sharp_adversarial"] for r in runs], digits=4),
         ])  # fmt: skip
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def region_table(results: list[dict], methods: list[str], regions) -> str:
+    """The carbon study's comparison: one row per region (intensity, ratio to the cleanest), one column per
+    method with the CO2 of one whole training (mean over seeds), all from the same measured energy."""
+    cleanest = min(grid.g_per_kwh for _, grid in regions)
+    header = ["region", "gCO2/kWh", "x cleanest"] + [f"{m} gCO2" for m in methods]
+    rows = []
+    for label, grid in regions:
+        row = [label if label != "yours" else f"yours ({grid.name})", f"{grid.g_per_kwh:.0f}",
+               f"{grid.g_per_kwh / cleanest:.1f}" if cleanest > 0 else "-"]  # fmt: skip
+        for method in methods:
+            joules = [r["train_joules"] for r in results if r["method"] == method]
+            row.append("n/a" if None in joules else f"{grid.grams(statistics.mean(joules)):.3g}")
+        rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -222,7 +257,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--rho", type=float, default=0.5, help="sharpness radius (absolute, as SAM's rho)")
     parser.add_argument("--out", type=Path, default=Path("examples/output"))
+    carbon = parser.add_mutually_exclusive_group()
+    carbon.add_argument("--country", default=None, metavar="ISO3", help="your grid (CodeCarbon's data), e.g. FRA")
+    carbon.add_argument("--cloud", default=None, metavar="PROVIDER:REGION", help="your grid, e.g. gcp:europe-west1")
+    carbon.add_argument("--grid-intensity", type=float, default=None, metavar="G", help="your grid in gCO2/kWh")
+    parser.add_argument("--hourly-csv", type=Path, default=None, metavar="PATH", help="(hour, gCO2/kWh) of your grid")
     args = parser.parse_args(argv)
+    try:
+        args.grid = grid_intensity(args.grid_intensity, country=args.country, cloud=args.cloud)
+        hourly = load_hourly_intensity(args.hourly_csv) if args.hourly_csv is not None else None
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     if args.quick:
         args.seeds, args.epochs, args.start_epoch, args.epochs_ago = 1, 4, 1, 1
     data = load_digits_tensors()
@@ -244,6 +289,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(summarize(results, methods, args.rho))
     if results[0]["j_per_epoch"] is None:
         print(f"\nenergy: n/a ({results[0]['energy_note']})")
+    regions, note = comparison_regions(args.grid)
+    print(f"\nCO2 of one training ({args.epochs} epochs, mean over seeds) by region, from the same measured energy")
+    print(region_table(results, methods, regions))
+    if results[0]["train_joules"] is None:
+        print(f"(energy not measurable here: {results[0]['energy_note']}; the CO2 of any energy scales as gCO2/kWh)")
+    print(f"intensities{f' ({note})' if note else ''}:\n{describe_regions(regions)}")
+    if hourly is not None:
+        for method in methods:
+            runs = [r for r in results if r["method"] == method]
+            joules = [r["train_joules"] for r in runs]
+            seconds = statistics.mean(r["train_seconds"] for r in runs)
+            energy = None if None in joules else statistics.mean(joules)
+            print(start_hours_line(hourly, seconds, energy, what=f"one {method} training"))
     args.out.mkdir(parents=True, exist_ok=True)
     path = plot(results, methods, args.out / "train_mesa.png")
     if path is not None:

@@ -27,6 +27,8 @@ def test_train_mesa_quick(tmp_path, capsys):
     assert results[0]["extra_mb"] == 0 and results[1]["extra_mb"] > 0 and results[2]["extra_mb"] > 0
     out = capsys.readouterr().out
     assert "test acc %" in out and "sharp. adversarial" in out
+    assert "CO2 of one training" in out and "gCO2/kWh" in out and "\nyours (" in out  # the region table
+    assert all(r["train_seconds"] > 0 for r in results)
     pytest.importorskip("matplotlib")
     assert (tmp_path / "train_mesa.png").stat().st_size > 0
 
