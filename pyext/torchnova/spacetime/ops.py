@@ -26,7 +26,7 @@ import numbers
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype, define_triton_op
+from .._library import accumulation_dtype, define_triton_op, once_differentiable
 from . import triton_kernels
 from .reference import spatial_attention_ref, temporal_attention_ref
 
@@ -248,7 +248,8 @@ def _register(op: str, suffix: str = "") -> None:
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
     bwd_op = getattr(torch.ops.torchnova, f"{op}_bwd{suffix}").default
-    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
+    backward = once_differentiable(make_backward(bwd_op), fwd_name)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 if _ext.HAS_CPP:
