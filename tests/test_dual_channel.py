@@ -403,8 +403,8 @@ def _good():
     [
         (dict(window=3), ValueError, "window"),
         (dict(stage="interpolation", frames=4), ValueError, "frames"),
-        (dict(text_len=3), ValueError, "L"),
-        (dict(grid=(4, 6)), ValueError, "L"),
+        (dict(text_len=3), ValueError, r"L = q.shape\[1\] must equal text_len \+ frames \* grid_h \* grid_w = 3 \+ 5"),
+        (dict(grid=(4, 6)), ValueError, r"L = q.shape\[1\] must equal .* = 2 \+ 5 \* 4 \* 6 = 122, got 82"),
         (dict(channel="both"), ValueError, "channel"),
         (dict(attention="local"), ValueError, "attention"),
         (dict(stage="parallel"), ValueError, "stage"),

@@ -71,7 +71,12 @@ def test_teacher_runs_in_eval_mode_and_under_the_callers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x)
         loss = mesa.loss(logits.float(), x, epoch=0)  # teacher's bf16 logits are cast to the student's dtype
-    assert torch.isfinite(loss)
+        with torch.no_grad():
+            teacher_logits = mesa.teacher(x)
+    assert logits.dtype == teacher_logits.dtype == torch.bfloat16  # the caller's autocast reached the teacher
+    expected = mesa.weight * mesa_kl_rows_ref(logits.double(), teacher_logits.double(), mesa.temperature).mean()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)  # fp32 loss of exact bf16 inputs
     # Eval mode: dropout off and BN running stats, so two teacher calls agree exactly.
     with torch.no_grad():
         assert torch.equal(mesa.teacher(x), mesa.teacher(x))

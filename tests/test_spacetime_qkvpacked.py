@@ -119,13 +119,17 @@ def test_composite_stacking_kernels_match_the_cpu_kernels():
 def test_strided_packed_input_gets_a_contiguous_gradient():
     big = torch.randn(2, 4, 5, 4, 2, 8, requires_grad=True)
     qkv = big[:, :, :, 1:]  # (B, T, S, 3, H, D) view, not contiguous
+    seen = []
+    hook = qkv.register_hook(seen.append)  # the op's dqkv, before autograd copies it into big's gradient
     out = torchnova.temporal_attention_qkvpacked(qkv, backend="cpp")
     expected = temporal_attention_ref(*qkv.double().unbind(3))
     assert_close(out, expected, torch.float32, "fwd", "out")
     (grad,) = torch.autograd.grad(out.sum(), big)
+    hook.remove()
     (grad64,) = torch.autograd.grad(expected.sum(), big)
     assert_close(grad, grad64, torch.float32, "grad", "dqkv")
     assert torch.equal(grad[:, :, :, 0], torch.zeros_like(grad[:, :, :, 0]))
+    assert len(seen) == 1 and seen[0].shape == qkv.shape and seen[0].is_contiguous()
 
 
 def test_gradcheck_cpp_qkvpacked_float64():

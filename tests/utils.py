@@ -73,3 +73,27 @@ def cpu_isas() -> list[str]:
     from torchnova import _ext
 
     return list(_ext._C.cpu_isas()) if _ext.HAS_CPP else []
+
+
+def record_chosen_backends(monkeypatch) -> list[tuple[str, str]]:
+    """Record (op, backend) of every backend selection from now on (the ops call _backend.select each time)."""
+    chosen: list[tuple[str, str]] = []
+    select = _backend.select
+
+    def recording_select(op, requested, **inputs):
+        name = select(op, requested, **inputs)
+        chosen.append((op, name))
+        return name
+
+    monkeypatch.setattr(_backend, "select", recording_select)
+    return chosen
+
+
+def auto_cpu_backend() -> str:
+    """What "auto" picks for CPU tensors: the C++ kernels, else the Triton interpreter when it is on (a
+    TORCHNOVA_SKIP_CPP_BUILD=1 install under TRITON_INTERPRET=1), else the reference."""
+    from torchnova import _ext
+
+    if _ext.HAS_CPP:
+        return "cpp"
+    return "triton" if _ext.HAS_TRITON and _ext.TRITON_INTERPRET else "reference"
