@@ -83,6 +83,11 @@ def _triton_temporal_reasons(q, **inputs):
     T = q.shape[1]
     if T > triton_kernels.MAX_FRAMES:
         why.append(f"T={T} frames > {triton_kernels.MAX_FRAMES} (the T x T tile lives in registers)")
+    # Grid (H, cdiv(B·S, BLOCK_P)): the problems of one head sit on grid axis 1, at most MAX_GRID_YZ programs.
+    problems, per_program = q.shape[0] * q.shape[2], triton_kernels.BLOCK_P
+    if -(-problems // per_program) > triton_kernels.MAX_GRID_YZ:
+        why.append(f"B*S = {problems} problems per head > {triton_kernels.MAX_GRID_YZ * per_program} (grid axis 1: "
+                   f"{triton_kernels.MAX_GRID_YZ} programs of {per_program} problems)")
     return why
 
 
