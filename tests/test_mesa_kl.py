@@ -7,7 +7,7 @@ import torch
 
 import torchnova
 from torchnova.mesa.reference import mesa_kl_rows_ref
-from utils import assert_close, backend_device_params, skip_unless_runs
+from utils import TOLERANCES, assert_close, backend_device_params, skip_unless_runs
 
 OP = "mesa_kl"
 BACKENDS = backend_device_params(OP)
@@ -184,7 +184,12 @@ def test_identical_logits_give_zero(backend, device):
     student, _ = make_logits((7, 50), torch.float32, device)
     skip_unless_runs(OP, backend, student_logits=student, teacher_logits=student)
     loss = torchnova.mesa_kl(student, student.clone(), reduction="none", backend=backend)
-    assert loss.abs().max().item() < 1e-4
+    # The reference is 0 exactly; a kernel's loss is a cancellation of terms of size tau^2·sum|p log p| per row,
+    # so it is judged at the table's fp32 forward atol relative to that size.
+    p = torch.softmax(student.double().cpu() / 5.0, -1)
+    size = 25.0 * (p * p.log()).abs().sum(-1)
+    atol, _ = TOLERANCES["fwd"][torch.float32]
+    assert (loss.double().cpu().abs() <= atol * size).all(), (loss, size)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -215,4 +220,8 @@ def test_gradcheck_float64(backend):
     for reduction in ("batchmean", "none"):
         fn = lambda z: torchnova.mesa_kl(z, teacher, temperature=2.0, reduction=reduction, backend=backend)  # noqa
         assert torch.autograd.gradcheck(fn, (student,))
-        assert torch.autograd.gradgradcheck(fn, (student,)) if backend == "reference" else True
+        if backend == "reference":
+            assert torch.autograd.gradgradcheck(fn, (student,))
+        else:  # no double backward through the kernels: a clear error (test_double_backward.py), not a wrong one
+            with pytest.raises(RuntimeError, match="does not support double backward"):
+                torch.autograd.gradgradcheck(fn, (student,))
