@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from utils import needs_cpp
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -32,6 +34,7 @@ def test_train_mesa_quick(tmp_path, capsys):
     assert (tmp_path / "train_mesa.png").stat().st_size > 0
 
 
+@needs_cpp
 def test_train_video_denoiser_quick_same_curve_on_every_backend(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the example moves scikit-learn's digits (setup.sh installs it)")
     example = load_example("train_video_denoiser")

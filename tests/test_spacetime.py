@@ -15,7 +15,8 @@ import torchnova
 from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import spatial_attention_ref, temporal_attention_ref
 from utils import (
-    assert_close, assert_within_low_precision_error, backend_device_params, gpu_meaningful, skip_unless_runs,
+    assert_close, assert_within_low_precision_error, backend_device_params, gpu_meaningful, needs_cpp,
+    skip_unless_runs,
 )  # fmt: skip
 
 TEMPORAL_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 5, 3, 40), (1, 5, 3, 2, 72), (2, 3, 2, 1, 88)]  # (B, T, S, H, D)
@@ -209,6 +210,7 @@ def test_opcheck_triton_spatial_ops():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@needs_cpp
 def test_cpp_half_precision_upcasts_inside(dtype):
     """fp16/bf16 on the cpp backend: fp32 math inside, error within the low-precision reference's own error."""
     qkv, (q, k, v) = fused_qkv((2, 5, 3, 2, 40), dtype)
@@ -269,6 +271,7 @@ def test_more_than_65535_temporal_problems(backend, device):
         assert_close(g, w, torch.float32, "grad", name)
 
 
+@needs_cpp
 def test_bias_gradient_is_bit_identical_across_runs():
     qkv, (q, k, v) = fused_qkv((2, 6, 300, 2, 16), torch.float32)
     bias = torch.randn(2, 6, 6, requires_grad=True)
@@ -279,6 +282,7 @@ def test_bias_gradient_is_bit_identical_across_runs():
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+@needs_cpp
 def test_gradcheck_cpp_float64():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 3, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(3))
@@ -292,6 +296,7 @@ def test_gradcheck_cpp_float64():
     assert torch.autograd.gradcheck(lambda q, k, v: torchnova.spatial_attention(q, k, v, backend="cpp"), (q, k, v))
 
 
+@needs_cpp
 def test_opcheck_every_op():
     qkv, (q, k, v) = fused_qkv((2, 4, 3, 2, 8), torch.float32, requires_grad=False)
     bias = torch.randn(2, 4, 4)
@@ -310,6 +315,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.spatial_attention_bwd.default, (torch.randn_like(out), q, k, v, out, lse, 0.5))
 
 
+@needs_cpp
 def test_compiles_fullgraph_without_recompiles():
     qkv, (q, k, v) = fused_qkv((1, 4, 3, 2, 8), torch.float32)
     bias = torch.randn(2, 4, 4, requires_grad=True)

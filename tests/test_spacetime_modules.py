@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import torchnova
-from utils import assert_close
+from utils import assert_close, needs_cpp
 
 DIM, HEADS, DIM_HEAD = 12, 3, 8
 
@@ -19,7 +19,7 @@ def test_block_is_identity_with_zero_init_output():
     assert torch.equal(block(x), x)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "reference"])
 def test_temporal_module_matches_its_math(backend):
     torch.manual_seed(0)
     bias_module = torchnova.nn.RelativePositionBias(HEADS)
