@@ -210,7 +210,8 @@ def test_mix_reference_equals_its_formula_in_torch():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(o_plus=torch.randn(2, 5, 4)), ValueError, r"o_plus must have o_base's shape \(2, 5, 3\), got \(2, 5, 4\)"),
+        (dict(o_plus=torch.randn(2, 5, 4)), ValueError,
+         r"o_plus must have o_base's shape \(2, 5, 3\), got \(2, 5, 4\)"),
         (dict(o_plus=torch.randn(2, 5, 3, dtype=torch.float64)), TypeError,
          r"o_plus must have o_base's dtype torch.float32, got torch.float64"),
         (dict(o_plus=torch.randn(2, 5, 3, device="meta")), ValueError, r"o_plus must be on o_base's device"),
