@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh                 # torch 2.14.1 (CUDA 13.0 build; runs on CPU too) + CUDA kernels if nvcc exists
 #   TORCHNOVA_TORCH=2.13.0 bash scripts/setup.sh    # small CPU-only torch: builds the CPU kernels only, says why
 #
+# TORCHNOVA_SKIP_CPP_BUILD=1 installs the Python package only (reference and Triton backends).
 # Environment: PYTHON (default python3), TORCHNOVA_VENV (default .venv), TORCHNOVA_TORCH (default 2.14.1),
 # FORCE_CUDA (default: 1 when nvcc and a CUDA build of torch are present), TORCH_CUDA_ARCH_LIST (default: the
 # visible GPU's arch, else "8.0;9.0"), MAX_JOBS (default 2), NVCC_THREADS, CUDA_HOME (default /usr/local/cuda).
@@ -52,11 +53,18 @@ export MAX_JOBS=${MAX_JOBS:-2}
 echo "[setup] torch ${TORCH_VERSION}, FORCE_CUDA=${FORCE_CUDA}, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST}, MAX_JOBS=${MAX_JOBS}"
 # Rebuild only when the sources or the build settings changed since the last successful build.
 STAMP="$VENV/.torchnova-build-stamp"
-WANT=$( (cat setup.py $(find csrc -type f | sort); echo "$TORCH_VERSION $FORCE_CUDA ${TORCH_CUDA_ARCH_LIST:-} ${DEBUG:-0}") | sha256sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import torchnova._C" 2>/dev/null; then
+# tests/test_build.py fails when this marker exists and torchnova._C does not import (a build that "worked" but
+# cannot load would otherwise turn every cpp test into a skip).
+EXPECT_CPP="$VENV/.torchnova-expect-cpp"
+SKIP_CPP=${TORCHNOVA_SKIP_CPP_BUILD:-0}
+SKIP_TAG=""  # empty for a normal build, so existing stamps stay valid
+if [ "$SKIP_CPP" = 1 ]; then SKIP_TAG=" skip-cpp"; fi
+WANT=$( (cat setup.py $(find csrc -type f | sort); echo "$TORCH_VERSION $FORCE_CUDA ${TORCH_CUDA_ARCH_LIST:-} ${DEBUG:-0}$SKIP_TAG") | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && { [ "$SKIP_CPP" = 1 ] || "$PY" -c "import torchnova._C" 2>/dev/null; }; then
   echo "[setup] extension up to date"
   exit 0
 fi
+rm -f "$EXPECT_CPP"
 LOG=$(mktemp /tmp/torchnova-build.XXXXXX.log)
 if ! "$PY" -m pip install -v --no-build-isolation --no-deps --disable-pip-version-check -e . >"$LOG" 2>&1; then
   tail -n 60 "$LOG"
@@ -64,5 +72,8 @@ if ! "$PY" -m pip install -v --no-build-isolation --no-deps --disable-pip-versio
   exit 1
 fi
 grep "\[torchnova setup\]" "$LOG" || true
+if [ "$SKIP_CPP" != 1 ]; then
+  echo "built by scripts/setup.sh: torchnova._C must import" > "$EXPECT_CPP"
+fi
 echo "$WANT" > "$STAMP"
 "$PY" -m torchnova.info

@@ -13,7 +13,7 @@ from torchnova import _ext, cogvideo_attention, dual_channel_mix
 from torchnova.dual_channel import triton_kernels
 from torchnova.dual_channel.masks import visibility
 from torchnova.dual_channel.reference import cogvideo_attention_ref, dual_channel_mix_ref
-from utils import assert_close, skip_unless_runs
+from utils import assert_close, assert_within_low_precision_error, gpu_meaningful, skip_unless_runs
 
 needs_cpp = pytest.mark.skipif(not _ext.HAS_CPP, reason="C++ extension not built")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the Triton tests run (CPU: the interpreter)
@@ -235,7 +235,8 @@ def test_mix_matches_reference(backend, dtype, monkeypatch):
     for name, got, want in zip(("d_base", "d_plus", "d_alpha_logit"), grads, ref_grads):
         assert_close(got, want, dtype, "grad", name)
     assert (grads[1][:, :2] == 0).all()  # text rows take o_base only
-    if backend == "triton":  # d alpha_logit: per-program partial sums added in a fixed order
+    if backend == "triton" and not _ext.TRITON_INTERPRET:  # d alpha_logit: per-program partial sums in a fixed
+        # order (GPU-meaningful: the interpreter runs programs one after another, so this cannot fail there)
         again = torch.autograd.grad(dual_channel_mix(*leaves, text_len=2, backend=backend), leaves,
                                     grad_y.to(device, dtype))  # fmt: skip
         assert all(torch.equal(a, b) for a, b in zip(grads, again))
@@ -285,8 +286,8 @@ def test_triton_low_precision(mode, dtype, small_tiles):
                              shifted=mode[2], stage=mode[3], text_pad_mask=PAD.to(DEVICE), backend="triton")
     low = cogvideo_attention_ref(q.cpu(), k.cpu(), v.cpu(), *args)[0]
     exact = cogvideo_attention_ref(q.cpu().double(), k.cpu().double(), v.cpu().double(), *args)[0]
-    err, ref_err = (out.cpu().double() - exact).abs().max(), (low.double() - exact).abs().max()
-    assert out.dtype == dtype and err <= 2 * ref_err + 1e-4, (err, ref_err)
+    assert out.dtype == dtype
+    assert_within_low_precision_error(out, low, exact, dtype, "triton out")
 
 
 @pytest.mark.parametrize("mode", [MODES[0], MODES[7]], ids=[MODE_IDS[0], MODE_IDS[7]])
@@ -304,6 +305,7 @@ def test_triton_lse_matches_reference(mode, small_tiles):
     assert_close(out, ref_out, torch.float32, "fwd", "out")
 
 
+@gpu_meaningful
 def test_triton_backward_deterministic(small_tiles):
     q, k, v = (x.requires_grad_(True) for x in _inputs(1, 3 + 5 * 16, 1, 16, torch.float32, device=DEVICE))
     skip_unless_runs("cogvideo_attention", "triton", x=q, head_dim=16)
@@ -403,8 +405,8 @@ def _good():
     [
         (dict(window=3), ValueError, "window"),
         (dict(stage="interpolation", frames=4), ValueError, "frames"),
-        (dict(text_len=3), ValueError, "L"),
-        (dict(grid=(4, 6)), ValueError, "L"),
+        (dict(text_len=3), ValueError, r"L = q.shape\[1\] must equal text_len \+ frames \* grid_h \* grid_w = 3 \+ 5"),
+        (dict(grid=(4, 6)), ValueError, r"L = q.shape\[1\] must equal .* = 2 \+ 5 \* 4 \* 6 = 122, got 82"),
         (dict(channel="both"), ValueError, "channel"),
         (dict(attention="local"), ValueError, "attention"),
         (dict(stage="parallel"), ValueError, "stage"),

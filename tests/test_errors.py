@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torchnova
+from utils import auto_cpu_backend, record_chosen_backends
 
 Z = torch.randn(4, 10)
 T = torch.randn(4, 10)
@@ -52,18 +53,36 @@ def test_forced_backend_that_cannot_run_lists_inputs_and_reasons():
 
 
 def test_environment_variable_forces_backend(monkeypatch):
+    chosen = record_chosen_backends(monkeypatch)
     monkeypatch.setenv("TORCHNOVA_BACKEND", "cuda")
     with pytest.raises(ValueError, match="backend='cuda' cannot run"):
         torchnova.mesa_kl(Z, T)
     monkeypatch.setenv("TORCHNOVA_BACKEND", "reference")
     assert torch.allclose(torchnova.mesa_kl(Z, T), torchnova.mesa_kl(Z, T, backend="reference"))
+    assert chosen == [("mesa_kl", "reference"), ("mesa_kl", "reference")]  # the variable, not auto's choice
+    monkeypatch.delenv("TORCHNOVA_BACKEND")
+    torchnova.mesa_kl(Z, T)
+    assert chosen[-1] == ("mesa_kl", auto_cpu_backend())
+
+
+def test_explicit_backend_beats_the_environment_variable(monkeypatch):
+    chosen = record_chosen_backends(monkeypatch)
+    monkeypatch.setenv("TORCHNOVA_BACKEND", "cuda")  # cannot run here: an override would raise
+    torchnova.mesa_kl(Z, T, backend="reference")
+    monkeypatch.setenv("TORCHNOVA_BACKEND", "reference")
+    torchnova.mesa_kl(Z, T, backend=auto_cpu_backend())
+    monkeypatch.setenv("TORCHNOVA_BACKEND", "auto")
+    torchnova.mesa_kl(Z, T)
+    assert chosen == [("mesa_kl", "reference"), ("mesa_kl", auto_cpu_backend()), ("mesa_kl", auto_cpu_backend())]
 
 
 def test_auto_prefers_the_cpp_kernel_on_cpu():
     from torchnova import _backend, _ext
 
     chosen = _backend.select("mesa_kl", "auto", student_logits=Z, teacher_logits=T)
-    assert chosen == ("cpp" if _ext.HAS_CPP else "reference")
+    assert chosen == auto_cpu_backend()
+    if _ext.HAS_CPP:
+        assert chosen == "cpp"
 
 
 def test_cpp_op_checks_its_inputs():

@@ -1,10 +1,13 @@
 """The examples' --quick modes run end to end (small data, seconds) and report what they promise."""
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
 import pytest
+
+from utils import needs_cpp
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -33,13 +36,15 @@ def test_train_mesa_quick(tmp_path, capsys):
     assert (tmp_path / "train_mesa.png").stat().st_size > 0
 
 
+@needs_cpp
 def test_train_video_denoiser_quick_same_curve_on_every_backend(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="the example moves scikit-learn's digits (setup.sh installs it)")
     example = load_example("train_video_denoiser")
     curves = {b: example.main(["--quick", "--backend", b, "--out", str(tmp_path)]) for b in ("cpp", "reference")}
-    assert len(curves["cpp"]) == 6 and all(map(lambda x: x == x, curves["cpp"]))  # finite, no NaN
+    assert len(curves["cpp"]) == 6 and all(map(math.isfinite, curves["cpp"]))  # no NaN, no inf
     assert curves["cpp"][-1] < curves["cpp"][0]  # the loss falls
-    # The same run on the C++ kernels and on the PyTorch reference: same loss curve up to float rounding.
+    # The same run on the C++ kernels and on the PyTorch reference: same loss curve up to float rounding (not the
+    # kernel table: 6 epochs of fp32 training let ~1e-7 differences per step grow; 1e-3 relative bounds that).
     for got, want in zip(curves["cpp"], curves["reference"]):
         assert abs(got - want) <= 1e-3 * abs(want) + 1e-5
     assert "held-out clip" in capsys.readouterr().out

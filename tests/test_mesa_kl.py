@@ -7,7 +7,7 @@ import torch
 
 import torchnova
 from torchnova.mesa.reference import mesa_kl_rows_ref
-from utils import assert_close, backend_device_params, skip_unless_runs
+from utils import TOLERANCES, assert_close, backend_device_params, skip_unless_runs
 
 OP = "mesa_kl"
 BACKENDS = backend_device_params(OP)
@@ -57,7 +57,11 @@ def check_against_reference(backend, student, teacher, *, temperature=5.0, reduc
     )
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     assert loss.dtype == expected_dtype and grad.dtype == dtype and grad.shape == student.shape
-    assert_close(loss, ref_loss, dtype, "fwd", f"{backend} loss")
+    # The loss tau^2 (a/s_t - lse(t') + lse(z')) cancels terms of size tau·|logits| per row (one class: exactly).
+    rows, classes = student[..., 0].numel(), student.shape[-1]
+    per_row = temperature * max(student.abs().max().item(), teacher.abs().max().item(), 1.0) if rows else 0.0
+    terms = per_row * {"sum": rows, "batchmean": 1, "mean": 1 / classes, "none": 1}[reduction]
+    assert_close(loss, ref_loss, dtype, "fwd", f"{backend} loss", terms=terms)
     assert_close(grad, ref_grad, dtype, "grad", f"{backend} grad")
 
 
@@ -150,7 +154,13 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
-def test_extreme_logits_are_finite(backend, device, magnitude):
+def test_extreme_logits_are_finite(backend, device, magnitude, request):
+    if backend in ("triton", "cuda"):
+        # Found by the stricter tolerance (issue 18): these backwards recompute q - p as exp(z' - lse_z) -
+        # exp(t' - lse_t) from the saved fp32 lse, whose ulp at |lse| ~ 1e4 is ~1e-3, so gradient elements are
+        # off by up to ~0.2 % (Triton interpreter: 3.8e-6 on 1.85e-3). The cpp kernel (and the CUDA forward
+        # with_grad path) use exponents relative to the row max and pass. Strict: passes once fixed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="GPU mesa_kl backward: fp32 lse at |logits| ~ 1e4"))
     student, teacher = make_logits((5, 64), torch.float32, device, scale=1.0)
     student[:, ::3] = magnitude
     teacher[:, 1::5] = -magnitude
@@ -184,7 +194,12 @@ def test_identical_logits_give_zero(backend, device):
     student, _ = make_logits((7, 50), torch.float32, device)
     skip_unless_runs(OP, backend, student_logits=student, teacher_logits=student)
     loss = torchnova.mesa_kl(student, student.clone(), reduction="none", backend=backend)
-    assert loss.abs().max().item() < 1e-4
+    # The reference is 0 exactly; a kernel's loss is a cancellation of terms of size tau^2·sum|p log p| per row,
+    # so it is judged at the table's fp32 forward atol relative to that size.
+    p = torch.softmax(student.double().cpu() / 5.0, -1)
+    size = 25.0 * (p * p.log()).abs().sum(-1)
+    atol, _ = TOLERANCES["fwd"][torch.float32]
+    assert (loss.double().cpu().abs() <= atol * size).all(), (loss, size)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -215,4 +230,8 @@ def test_gradcheck_float64(backend):
     for reduction in ("batchmean", "none"):
         fn = lambda z: torchnova.mesa_kl(z, teacher, temperature=2.0, reduction=reduction, backend=backend)  # noqa
         assert torch.autograd.gradcheck(fn, (student,))
-        assert torch.autograd.gradgradcheck(fn, (student,)) if backend == "reference" else True
+        if backend == "reference":
+            assert torch.autograd.gradgradcheck(fn, (student,))
+        else:  # no double backward through the kernels: a clear error (test_double_backward.py), not a wrong one
+            with pytest.raises(RuntimeError, match="does not support double backward"):
+                torch.autograd.gradgradcheck(fn, (student,))

@@ -10,7 +10,7 @@ import torch
 import torchnova
 from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import spatial_attention_ref, temporal_attention_ref
-from utils import assert_close, backend_device_params, skip_unless_runs
+from utils import assert_close, backend_device_params, needs_cpp, skip_unless_runs
 
 OPTIONS = list(itertools.product([False, True], [False, True], [False, True]))  # (bias, segments, causal)
 TEMPORAL_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 5, 3, 40), (1, 24, 3, 2, 72)]  # T = 24: a half vector of keys
@@ -78,6 +78,7 @@ def test_spatial_qkvpacked_matches_reference(backend, device, shape, dtype, monk
     assert_close(got, want, dtype, "grad", "dqkv")
 
 
+@needs_cpp
 def test_packed_gradient_equals_the_unpacked_one_bit_for_bit():
     """Same kernels, only where the gradients are written: the packed and the sliced paths agree exactly."""
     qkv = packed((2, 6, 9, 2, 40), torch.float32)
@@ -95,6 +96,7 @@ def test_packed_gradient_equals_the_unpacked_one_bit_for_bit():
     assert torch.equal(torch.autograd.grad(out_packed, qkv, grad)[0], torch.autograd.grad(out_sliced, qkv, grad)[0])
 
 
+@needs_cpp
 def test_composite_stacking_kernels_match_the_cpu_kernels():
     """The CompositeExplicitAutograd kernels (unpacked op + torch.stack: what CUDA tensors run) give the CPU
     kernels' dqkv; called here on CPU tensors through their dispatch key."""
@@ -116,18 +118,24 @@ def test_composite_stacking_kernels_match_the_cpu_kernels():
     assert torch.equal(stacked, ops.spatial_attention_qkvpacked_bwd(*args))
 
 
+@needs_cpp
 def test_strided_packed_input_gets_a_contiguous_gradient():
     big = torch.randn(2, 4, 5, 4, 2, 8, requires_grad=True)
     qkv = big[:, :, :, 1:]  # (B, T, S, 3, H, D) view, not contiguous
+    seen = []
+    hook = qkv.register_hook(seen.append)  # the op's dqkv, before autograd copies it into big's gradient
     out = torchnova.temporal_attention_qkvpacked(qkv, backend="cpp")
     expected = temporal_attention_ref(*qkv.double().unbind(3))
     assert_close(out, expected, torch.float32, "fwd", "out")
     (grad,) = torch.autograd.grad(out.sum(), big)
+    hook.remove()
     (grad64,) = torch.autograd.grad(expected.sum(), big)
     assert_close(grad, grad64, torch.float32, "grad", "dqkv")
     assert torch.equal(grad[:, :, :, 0], torch.zeros_like(grad[:, :, :, 0]))
+    assert len(seen) == 1 and seen[0].shape == qkv.shape and seen[0].is_contiguous()
 
 
+@needs_cpp
 def test_gradcheck_cpp_qkvpacked_float64():
     qkv = torch.randn(2, 4, 3, 3, 2, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(2, 4, 4, dtype=torch.float64, requires_grad=True)
@@ -158,6 +166,7 @@ def _opcheck_packed(suffix, qkv, bias, segments, options=((True, True), (False, 
     torch.library.opcheck(bwd.default, (torch.randn_like(out), qkv, out, lse, 0.5))
 
 
+@needs_cpp
 def test_opcheck_qkvpacked_ops():
     qkv = torch.randn(2, 4, 3, 3, 2, 8)
     _opcheck_packed("", qkv, torch.randn(2, 4, 4), torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]]))

@@ -49,3 +49,57 @@ def launch_triton(kernel, grid, *args, **kwargs) -> None:
             # Some torch versions refuse TRITON_INTERPRET's InterpretedFunction; a plain launch is equivalent.
             runner = kernel
     runner[grid](*args, **kwargs)
+
+
+
+class _RaiseOnDifferentiation(torch.autograd.Function):
+    """Identity on ``outputs`` whose backward raises: connects them to what they depend on (``depends``), so
+    any later derivative of them, by ``backward()`` or by ``autograd.grad`` with respect to an upstream
+    gradient or an input, reaches this node and gets the error instead of a silently wrong answer."""
+
+    @staticmethod
+    def forward(ctx, message, count, *outputs_then_depends):
+        ctx.message = message
+        return outputs_then_depends[:count]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def once_differentiable(backward: Callable, op: str) -> Callable:
+    """``backward`` (of ``torch.library.register_autograd``) made first-order only, with a clear error.
+
+    The kernels' backward ops have no derivative of their own, so a second derivative through them (a gradient
+    penalty, a Hessian-vector product, ``gradgradcheck``, ``torch.func.hessian``) would be silently wrong. The
+    backward runs without building a graph; when a graph was asked for (``create_graph=True``) and anything it
+    depends on requires grad (an upstream gradient or a saved tensor), its outputs are routed through a node that
+    raises ``RuntimeError`` if differentiated: the contract of ``torch.autograd.function.once_differentiable``,
+    which looks at the upstream gradients only and so misses the saved inputs. ``backend="reference"`` (plain
+    PyTorch) supports double backward.
+    """
+    message = (
+        f"torchnova: {op} does not support double backward (a derivative of its gradient, e.g. "
+        "autograd.grad(..., create_graph=True) then backward, gradgradcheck, torch.func.hessian): its backward "
+        "kernel is not differentiable. Use backend='reference' for second derivatives."
+    )
+
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        candidates = list(grads) + list(ctx.saved_tensors)
+        depends = [t for t in candidates if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not depends:
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if single else outputs
+        positions = [i for i, out in enumerate(outputs) if isinstance(out, torch.Tensor)]
+        routed = _RaiseOnDifferentiation.apply(message, len(positions), *[outputs[i] for i in positions], *depends)
+        result = list(outputs)
+        for i, out in zip(positions, routed):
+            result[i] = out
+        return result[0] if single else tuple(result)
+
+    return wrapper

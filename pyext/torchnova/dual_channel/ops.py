@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype, define_triton_op
+from .._library import accumulation_dtype, define_triton_op, once_differentiable
 from . import triton_kernels
 from .masks import ATTENTIONS, CHANNELS, STAGES
 from .reference import cogvideo_attention_ref, dual_channel_mix_ref
@@ -134,7 +134,8 @@ def _register(fwd_name, bwd_name, fwd_fake, bwd_fake, make_backward, setup_conte
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
     bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
-    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
+    backward = once_differentiable(make_backward(bwd_op), fwd_name)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 def _register_pair(suffix: str) -> None:

@@ -24,7 +24,7 @@ import numbers
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype, define_triton_op
+from .._library import accumulation_dtype, define_triton_op, once_differentiable
 from . import triton_kernels
 from .reference import mesa_kl_rows_ref
 
@@ -127,7 +127,7 @@ def _register(fwd_name: str, bwd_name: str) -> None:
     torch.library.register_fake(bwd_name)(_bwd_fake)
     bwd_op = getattr(torch.ops.torchnova, bwd_name.split("::")[1]).default
     setup_context, backward = _make_autograd(bwd_op)
-    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(fwd_name, once_differentiable(backward, fwd_name), setup_context=setup_context)
 
 
 if _ext.HAS_CPP:

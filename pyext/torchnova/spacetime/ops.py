@@ -26,7 +26,7 @@ import numbers
 import torch
 
 from .. import _backend, _ext
-from .._library import accumulation_dtype, define_triton_op
+from .._library import accumulation_dtype, define_triton_op, once_differentiable
 from . import triton_kernels
 from .reference import spatial_attention_ref, temporal_attention_ref
 
@@ -83,6 +83,11 @@ def _triton_temporal_reasons(q, **inputs):
     T = q.shape[1]
     if T > triton_kernels.MAX_FRAMES:
         why.append(f"T={T} frames > {triton_kernels.MAX_FRAMES} (the T x T tile lives in registers)")
+    # Grid (H, cdiv(B·S, BLOCK_P)): the problems of one head sit on grid axis 1, at most MAX_GRID_YZ programs.
+    problems, per_program = q.shape[0] * q.shape[2], triton_kernels.BLOCK_P
+    if -(-problems // per_program) > triton_kernels.MAX_GRID_YZ:
+        why.append(f"B*S = {problems} problems per head > {triton_kernels.MAX_GRID_YZ * per_program} (grid axis 1: "
+                   f"{triton_kernels.MAX_GRID_YZ} programs of {per_program} problems)")
     return why
 
 
@@ -248,7 +253,8 @@ def _register(op: str, suffix: str = "") -> None:
     torch.library.register_fake(fwd_name)(fwd_fake)
     torch.library.register_fake(bwd_name)(bwd_fake)
     bwd_op = getattr(torch.ops.torchnova, f"{op}_bwd{suffix}").default
-    torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
+    backward = once_differentiable(make_backward(bwd_op), fwd_name)
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
 if _ext.HAS_CPP:
