@@ -133,14 +133,17 @@ def triton_reasons(device: torch.device) -> list[str]:
 
 # Device properties go through these two small helpers, so that tests can simulate any GPU on a CPU machine
 # (monkeypatch them: sm_120 has 101376 bytes of opt-in shared memory per block, sm_86/89 101376, sm_80 166912,
-# sm_90 232448). Both are cached by torch, so selection stays cheap and never syncs.
+# sm_90 232448). Both are cached by torch, so selection stays cheap and never syncs. They and
+# cuda_shared_memory_bytes are constants to torch.compile (evaluated once while tracing, no graph break).
 
 
+@torch.compiler.assume_constant_result
 def device_capability(device: torch.device) -> tuple[int, int]:
     """(major, minor) compute capability of a CUDA device."""
     return tuple(torch.cuda.get_device_capability(device))
 
 
+@torch.compiler.assume_constant_result
 def device_smem_optin(device: torch.device) -> int:
     """Bytes of shared memory one block may opt into on a CUDA device (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
     props = torch.cuda.get_device_properties(device)
@@ -156,6 +159,7 @@ def compute_capability_reasons(device: torch.device, minimum: tuple[int, int]) -
     return []
 
 
+@torch.compiler.assume_constant_result
 def cuda_shared_memory_bytes(kernel: str, frames: int = 1, head_dim: int = 1) -> int:
     """Shared memory per block of the smallest launch of a torchnova CUDA kernel at this shape.
 

@@ -63,7 +63,7 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
     why = _cuda_reasons(q, **inputs)
     if why:
         return why
-    D = q.shape[-1]
+    D = int(q.shape[-1])
     needs = {f"the spatial forward (D={D})": _backend.cuda_shared_memory_bytes("spatial_fwd", head_dim=D)}
     if _backend.may_need_backward(q, k, v):
         needs[f"the spatial dk/dv backward (D={D})"] = _backend.cuda_shared_memory_bytes("spatial_dkdv", head_dim=D)
@@ -73,7 +73,7 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
 
 def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
     why = _cuda_reasons(q, **inputs)
-    T = q.shape[1]
+    T = int(q.shape[1])
     if T > CUDA_MAX_FRAMES:
         why.append(f"T={T} frames > {CUDA_MAX_FRAMES}")
     if why:
