@@ -197,7 +197,10 @@ else
 fi
 
 # ----- compute-sanitizer on one small launch of every CUDA kernel ------------------------------------------
-"$PY" scripts/gpu_sanitize_cases.py --list > "$OUT_DIR/sanitize-cases.txt" 2>&1
+if ! "$PY" scripts/gpu_sanitize_cases.py --list > "$OUT_DIR/sanitize-cases.txt" 2>&1; then
+  say "scripts/gpu_sanitize_cases.py --list failed (see sanitize-cases.txt)"
+  FAILED=1
+fi
 SANITIZER=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
 RESERVE=60
 for tool in memcheck racecheck synccheck; do

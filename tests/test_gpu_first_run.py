@@ -1,6 +1,7 @@
 """scripts/gpu_first_run.sh in dry-run mode, and the sanitizer driver's coverage of the CUDA kernels (no GPU needed).
 
-Cost: one dry run (three Python start-ups that import torch, ~10 s on a loaded 2-core machine).
+Cost: one dry run (one Python start-up that imports torch) and the sanitizer cases on the cpp backend: ~10 s on an
+idle 2-core machine.
 """
 
 from __future__ import annotations
@@ -80,3 +81,16 @@ def test_bad_arguments_are_refused(tmp_path):
     assert result.returncode == 2 and "--budget must be a whole number" in result.stderr
     result = _run("--frobnicate")
     assert result.returncode == 2 and "unknown argument '--frobnicate'" in result.stderr
+
+
+def test_sanitizer_cases_are_well_formed_calls():
+    """The driver's cases, run on CPU tensors with the cpp backend: their calls and shapes are valid."""
+    from torchnova import _ext
+
+    if not _ext.HAS_CPP:
+        pytest.skip(_ext.CPP_IMPORT_ERROR)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "pyext"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_sanitize_cases.py"), "--cpu-smoke"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cases ran" in result.stdout and "failed" not in result.stdout and "[FAIL]" not in result.stdout
