@@ -10,7 +10,7 @@
 # nothing into that Python: pytest/hypothesis, when missing, come from a wheels/ folder (git-ignored) prepared on
 # a machine with network with the `pip download` line this script prints; they go to build/first-run-site.
 #
-# Steps, most valuable first, each under its own timeout, all within a total budget (--budget, default 470 s, so
+# Steps, most valuable first, each under its own timeout, all within a total budget (--budget, default 450 s, so
 # the whole fits in 8 minutes on an H100/H200 with 16 cores). Every log and result goes under one folder, each
 # step's files written as the step runs; summary.txt gets one line per step (ok / FAIL / TIMEOUT / SKIPPED, and why).
 #   env         versions, GPU, what is importable                          env.txt
@@ -27,7 +27,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
 PY=${PYTHON:-python3}
-BUDGET_S=470
+BUDGET_S=450
 DRY_RUN=0
 OUT_DIR=${OUT:-}
 PYTEST_VERSION=9.2.0          # pinned as in scripts/setup.sh
@@ -38,9 +38,9 @@ usage() { sed -n '2,/^set -uo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
-    --out) OUT_DIR=$2; shift ;;
+    --out) OUT_DIR=${2:?gpu_first_run.sh: --out needs a folder}; shift ;;
     --out=*) OUT_DIR=${1#--out=} ;;
-    --budget) BUDGET_S=$2; shift ;;
+    --budget) BUDGET_S=${2:-}; shift ;;
     --budget=*) BUDGET_S=${1#--budget=} ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_first_run.sh: unknown argument '$1' (expected --dry-run, --out DIR, --budget SECONDS, --help)" >&2
