@@ -123,7 +123,8 @@ CASES = {
     ),
     "cogvideo_base": (case_cogvideo_base, "cogvideo_attention_* kernels, base channel, head-dim bucket 128, bf16"),
     "dual_channel_mix": (
-        case_dual_channel_mix, "dual_channel_mix_fwd_kernel, dual_channel_mix_bwd_kernel, dual_channel_mix_alpha_grad_kernel"
+        case_dual_channel_mix,
+        "dual_channel_mix_fwd_kernel, dual_channel_mix_bwd_kernel, dual_channel_mix_alpha_grad_kernel",
     ),
     "mesa_kl_vectorized": (case_mesa_kl_vectorized, "mesa_kl_fwd_kernel, mesa_kl_bwd_kernel (16-byte packets)"),
     "mesa_kl_strided_long_rows": (
