@@ -4,12 +4,15 @@
 //
 // mesa_kl_fwd(student (R, C), teacher (R, C), temperature, with_grad)
 //   -> loss_rows (R,)      tau^2 * KL(softmax(t/tau) || softmax(z/tau)) per row, accumulation dtype
-//      lse       (2, R)    [logsumexp(z/tau), logsumexp(t/tau)], accumulation dtype
+//      lse       (4, R)    [m_z, log s_z, m_t, log s_t], accumulation dtype: the row max m (0 for an all -inf row)
+//                          and log-sum log s = log sum_c exp(z_c/tau - m) of each row, i.e. logsumexp(z/tau) =
+//                          m_z + log s_z, kept split so exp((z/tau - m) - log s) never sees an lse rounded to
+//                          the ulp of a large logit (|z/tau| ~ 1e4: 6e-4 relative error in float32)
 //      grad      (R, C)    d loss_rows[r] / d z[r] = tau * (softmax(z/tau) - softmax(t/tau)), student dtype,
 //                          contiguous; shape (0,) when with_grad is false
-// mesa_kl_bwd(grad_rows (R,), student (R, C), teacher (R, C), lse (2, R), temperature)
-//   -> grad_student (R, C) = grad_rows[r] * tau * (exp(z/tau - lse[0]) - exp(t/tau - lse[1])), contiguous,
-//      student dtype; rows whose grad_rows is 0 are written as exact zeros without reading their logits.
+// mesa_kl_bwd(grad_rows (R,), student (R, C), teacher (R, C), lse (4, R), temperature)
+//   -> grad_student (R, C) = grad_rows[r] * tau * (exp((z/tau - m_z) - log s_z) - exp((t/tau - m_t) - log s_t)),
+//      contiguous, student dtype; rows whose grad_rows is 0 are written as exact zeros without reading their logits.
 // The accumulation dtype is float64 for float64 inputs and float32 otherwise.
 #include <torch/extension.h>
 
@@ -17,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_dispatch.h"
+#include "cuda/shared_memory_plan.h"
 
 #ifndef TORCHNOVA_CUDA_ARCHS
 #define TORCHNOVA_CUDA_ARCHS none
@@ -48,6 +52,16 @@ PYBIND11_MODULE(_C, module) {
     info["cpu_isa"] = std::string(torchnova::cpu::kIsaNames[torchnova::cpu::supported_isa()]);
     return info;
   });
+  // Dynamic shared memory per block of the smallest launch of a CUDA kernel (csrc/cuda/shared_memory_plan.h, the
+  // same functions the launchers size their launches with); -1 for an unknown kernel or a shape out of range. The
+  // cuda backend reasons compare it with the device's shared_memory_per_block_optin. Exported by CPU-only builds
+  // too (plain arithmetic), so the reasons are testable without a GPU.
+  module.def(
+      "cuda_shared_memory_bytes",
+      [](const std::string& kernel, int64_t frames, int64_t head_dim) {
+        return torchnova::smem_plan::launch_bytes(kernel, frames, head_dim);
+      },
+      pybind11::arg("kernel"), pybind11::arg("frames"), pybind11::arg("head_dim"));
   // Which compiled copy of the CPU kernels runs (csrc/cpu/cpu_dispatch.h): tests run every copy the CPU has.
   module.def("cpu_isa", []() { return std::string(torchnova::cpu::kIsaNames[torchnova::cpu::active_isa()]); });
   module.def("cpu_isas", []() {

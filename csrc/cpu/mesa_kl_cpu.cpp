@@ -10,7 +10,8 @@
 // sum e^{z'-m_z}, sum e^{t'-m_t} and sum e^{t'-m_t} (t' - z'), and, when the gradient is wanted, a third
 // sweep over the cached exponentials that writes tau * (q - p). The gradient is therefore produced in the
 // same pass over the logits (no second read of z and t from memory), and each element costs two exps.
-// Backward (mesa_kl_bwd) recomputes q and p from the saved log-sum-exps and scales by grad_rows.
+// Backward (mesa_kl_bwd) recomputes q and p from the saved row maxima and log-sums (kept split: exp((z' - m) -
+// log s), never exp(z' - lse) with lse rounded to the ulp of a large logit) and scales by grad_rows.
 //
 // float32 / float16 / bfloat16 rows are processed in float32 with a vectorizable exp (Cody-Waite range
 // reduction + degree-6 polynomial, ~2 ulp); float64 rows in double with std::exp (the gradcheck path).
@@ -39,8 +40,8 @@ void parallel_rows(int64_t rows, int64_t classes, const Body& body) {
 
 template <typename acc_t>
 struct RowStats {
-  acc_t lse_student;
-  acc_t lse_teacher;
+  acc_t shift_z, log_sum_z;  // logsumexp(z') = shift_z + log_sum_z, kept split (see mesa_kl_bwd_rows)
+  acc_t shift_t, log_sum_t;
   acc_t loss;     // tau^2 * KL(p || q)
   acc_t sum_z;    // sum_c e^{z'_c - shift_z}, the normaliser of the exponentials written to q_out
   acc_t sum_t;    // sum_c e^{t'_c - shift_t}, the normaliser of p_out
@@ -98,8 +99,10 @@ TORCHNOVA_INLINE RowStats<acc_t> row_stats(const acc_t* z, const acc_t* t, int64
   RowStats<acc_t> stats;
   // Combine in double: loss = tau^2 (cross / sum_t - lse_t + lse_z) cancels ~log(C) of each term.
   const double lse_z = shift_z + std::log(sum_z), lse_t = shift_t + std::log(sum_t);
-  stats.lse_student = static_cast<acc_t>(lse_z);
-  stats.lse_teacher = static_cast<acc_t>(lse_t);
+  stats.shift_z = shift_z;
+  stats.log_sum_z = static_cast<acc_t>(std::log(sum_z));
+  stats.shift_t = shift_t;
+  stats.log_sum_t = static_cast<acc_t>(std::log(sum_t));
   stats.loss = static_cast<acc_t>(double(tau) * double(tau) * (cross / sum_t - lse_t + lse_z));
   stats.sum_z = static_cast<acc_t>(sum_z);
   stats.sum_t = static_cast<acc_t>(sum_t);
@@ -139,8 +142,10 @@ void mesa_kl_fwd_rows(const at::Tensor& student, const at::Tensor& teacher, doub
       const RowStats<acc_t> s =
           row_stats<acc_t>(z, t, C, inv_tau, tau, with_grad ? q_buf.data() : nullptr, p_buf.data());
       loss_out[r] = s.loss;
-      lse_out[r] = s.lse_student;
-      lse_out[R + r] = s.lse_teacher;
+      lse_out[r] = s.shift_z;
+      lse_out[R + r] = s.log_sum_z;
+      lse_out[2 * R + r] = s.shift_t;
+      lse_out[3 * R + r] = s.log_sum_t;
       if (with_grad) {
         scalar_t* g = grad_out + r * C;
         if (std::isnan(s.loss)) {
@@ -180,11 +185,12 @@ void mesa_kl_bwd_rows(const at::Tensor& grad_rows, const at::Tensor& student, co
       }
       const acc_t* z = load_row<scalar_t, acc_t>(z_base, z_rs, z_cs, r, C, z_buf.data());
       const acc_t* t = load_row<scalar_t, acc_t>(t_base, t_rs, t_cs, r, C, t_buf.data());
-      const acc_t lse_z = lse_in[r], lse_t = lse_in[R + r], scale = g_row * tau;
+      const acc_t shift_z = lse_in[r], log_sum_z = lse_in[R + r], scale = g_row * tau;
+      const acc_t shift_t = lse_in[2 * R + r], log_sum_t = lse_in[3 * R + r];
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t q = exp_nonpositive(z[c] * inv_tau - lse_z);
-        const acc_t p = exp_nonpositive(t[c] * inv_tau - lse_t);
+        const acc_t q = exp_nonpositive((z[c] * inv_tau - shift_z) - log_sum_z);
+        const acc_t p = exp_nonpositive((t[c] * inv_tau - shift_t) - log_sum_t);
         g[c] = static_cast<scalar_t>(scale * (q - p));
       }
     }
@@ -213,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesa_kl_fwd_cpu(const at::Tensor&
   const int64_t R = student.size(0), C = student.size(1);
   const auto acc_opts = student.options().dtype(accumulation_type(student.scalar_type()));
   at::Tensor loss_rows = at::empty({R}, acc_opts);
-  at::Tensor lse = at::empty({2, R}, acc_opts);
+  at::Tensor lse = at::empty({4, R}, acc_opts);
   at::Tensor grad = with_grad ? at::empty({R, C}, student.options()) : at::empty({0}, student.options());
   if (R == 0) return {loss_rows, lse, grad};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "mesa_kl_fwd_cpu", [&] {
@@ -231,7 +237,7 @@ at::Tensor mesa_kl_bwd_cpu(const at::Tensor& grad_rows, const at::Tensor& studen
   const auto acc = accumulation_type(student.scalar_type());
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == R, "mesa_kl_bwd: grad_rows must have shape (", R,
               ",), got ", grad_rows.sizes());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == R, "mesa_kl_bwd: lse must have shape (2, ", R,
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == R, "mesa_kl_bwd: lse must have shape (4, ", R,
               "), got ", lse.sizes());
   TORCH_CHECK(grad_rows.scalar_type() == acc && lse.scalar_type() == acc, "mesa_kl_bwd: grad_rows and lse must be ",
               acc, ", got ", grad_rows.scalar_type(), " and ", lse.scalar_type());

@@ -45,6 +45,8 @@
 #include <tuple>
 
 #include "dual_channel_visibility.h"
+#include "dynamic_smem.cuh"
+#include "shared_memory_plan.h"
 
 namespace torchnova {
 namespace {
@@ -70,6 +72,10 @@ struct Tiling {
   // Forward: q, k, v tiles + P. Backward (both kernels): four token tiles + one score tile + lse, delta.
   static constexpr size_t kFwdSmemBytes = sizeof(float) * (3 * kTileFloats + kScoreFloats);
   static constexpr size_t kBwdSmemBytes = sizeof(float) * (4 * kTileFloats + kScoreFloats + 2 * kBlock);
+  // The backend reasons read these sizes from shared_memory_plan.h.
+  static_assert(kFwdSmemBytes == smem_plan::dual_fwd_bytes_of_bucket(kHeadDimMax) &&
+                    kBwdSmemBytes == smem_plan::dual_bwd_bytes_of_bucket(kHeadDimMax),
+                "shared_memory_plan.h must match the dual-channel tiling");
 };
 
 struct AttentionShape {
@@ -561,10 +567,12 @@ AttentionArgs make_args(const char* op, const at::Tensor& q, const std::optional
   TORCH_CHECK(seq_len == text_len + frames * grid_h * grid_w, op,
               ": L must equal text_len + frames * grid_h * grid_w = ", text_len, " + ", frames, " * ", grid_h, " * ",
               grid_w, " = ", text_len + frames * grid_h * grid_w, ", got L = ", seq_len);
-  if (attention == "window") {
+  // The window only shapes the plus channel (the base channel is frame-local whatever `attention` says), so a
+  // base-channel call takes any window, as the cpp and triton backends do.
+  if (attention == "window" && channel == "plus") {
     TORCH_CHECK(window >= 1 && grid_h % window == 0 && grid_w % window == 0, op,
-                ": window must be >= 1 and divide grid_h and grid_w for attention=\"window\", got window = ", window,
-                " for a ", grid_h, " x ", grid_w, " grid");
+                ": window must be >= 1 and divide grid_h and grid_w for channel=\"plus\", attention=\"window\", got "
+                "window = ", window, " for a ", grid_h, " x ", grid_w, " grid");
   }
   TORCH_CHECK(stage != "interpolation" || frames == 5, op, ": stage=\"interpolation\" needs frames == 5, got ",
               frames);
@@ -617,13 +625,11 @@ unsigned tile_blocks(const char* op, AttentionShape& shape, int block) {
   return static_cast<unsigned>(blocks);
 }
 
-// Opts the kernel into more than 48 KiB of dynamic shared memory, after checking the device has it.
+// Checks the device has the kernel's (fixed) shared memory and opts the kernel in once per device.
 template <typename Kernel>
 void prepare_smem(const char* op, Kernel kernel, size_t bytes) {
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= props->sharedMemPerBlockOptin, op, ": needs ", bytes,
-              " bytes of shared memory per block, the device allows ", props->sharedMemPerBlockOptin);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  cuda_smem::prepare_launch(op, kernel, static_cast<int64_t>(bytes), static_cast<int64_t>(bytes),
+                            "the cogvideo attention kernel");
 }
 
 // Calls body(scalar_t{}) for the three supported dtypes (check_qkv rejects the others first).

@@ -11,10 +11,15 @@
 //
 // Ops (schemas in csrc/torchnova.cpp), acc_t = float64 for float64 logits, float32 otherwise:
 //   mesa_kl_fwd(student (R, C), teacher (R, C), temperature, with_grad)
-//     -> loss_rows (R,) acc_t, lse (2, R) acc_t contiguous = [logsumexp(z'), logsumexp(t')],
+//     -> loss_rows (R,) acc_t, lse (4, R) acc_t contiguous = [m_z, log s_z, m_t, log s_t], the row log-sum-exps
+//        logsumexp(z') = m_z + log s_z, logsumexp(t') = m_t + log s_t kept split (see the backward),
 //        grad (R, C) student dtype contiguous = tau * (q - p), or shape (0,) when with_grad is false
-//   mesa_kl_bwd(grad_rows (R,) acc_t, student (R, C), teacher (R, C), lse (2, R) acc_t, temperature)
-//     -> (R, C) student dtype contiguous = grad_rows[r] * tau * (exp(z' - lse[0][r]) - exp(t' - lse[1][r])).
+//   mesa_kl_bwd(grad_rows (R,) acc_t, student (R, C), teacher (R, C), lse (4, R) acc_t, temperature)
+//     -> (R, C) student dtype contiguous = grad_rows[r] * tau * (exp((z' - m_z) - log s_z) - exp((t' - m_t) -
+//        log s_t)).
+//        The exponent is formed from the row max and the log-sum separately, as the forward does: z' - m_z is
+//        exact-ish for large logits, while z' - lse_z would inherit the rounding of lse_z to the ulp of its
+//        magnitude (a relative gradient error of |lse| * 6e-8 in float32: 6e-4 at |z'| ~ 1e4).
 //        Rows with grad_rows[r] == 0 are written as zeros without reading their logits (they may be garbage).
 //
 // Layout: a power-of-two group of threads_per_row threads owns one row (1..32 lanes of a warp for short rows,
@@ -331,7 +336,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
                        int64_t cols,  // C
                        RowTiling tiling, acc_of<scalar_t> tau, acc_of<scalar_t> inv_tau,
                        acc_of<scalar_t>* __restrict__ loss_rows,  // (R,)
-                       acc_of<scalar_t>* __restrict__ lse,        // (2, R) contiguous: [lse(z'), lse(t')]
+                       acc_of<scalar_t>* __restrict__ lse,        // (4, R) contiguous: [m_z, log s_z, m_t, log s_t]
                        scalar_t* __restrict__ grad) {             // (R, C) contiguous, nullptr: no gradient
   using acc_t = acc_of<scalar_t>;
   constexpr int kPackets = kPacketsPerThread<scalar_t, kVec>;
@@ -359,8 +364,10 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
   const acc_t shift_z = safe_shift(state.max_z), shift_t = safe_shift(state.max_t);
   if (lane == 0) {
     const acc_t log_sum_z = log_acc(state.sum_z), log_sum_t = log_acc(state.sum_t);
-    lse[row] = shift_z + log_sum_z;
-    lse[rows + row] = shift_t + log_sum_t;
+    lse[row] = shift_z;
+    lse[rows + row] = log_sum_z;
+    lse[2 * rows + row] = shift_t;
+    lse[3 * rows + row] = log_sum_t;
     // lse_z - lse_t grouped as (shift difference) + (log difference): for logits ~1e4 this avoids the rounding
     // of each lse to the ulp of its large magnitude.
     loss_rows[row] = tau * tau * (state.cross / state.sum_t + (shift_z - shift_t) + (log_sum_z - log_sum_t));
@@ -399,7 +406,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
                        const scalar_t* __restrict__ student,  // (R, C), strides (z_row_stride, z_col_stride)
                        const scalar_t* __restrict__ teacher,  // (R, C), strides (t_row_stride, t_col_stride)
                        int64_t z_row_stride, int64_t z_col_stride, int64_t t_row_stride, int64_t t_col_stride,
-                       const acc_of<scalar_t>* __restrict__ lse,  // (2, R) contiguous: [lse(z'), lse(t')]
+                       const acc_of<scalar_t>* __restrict__ lse,  // (4, R) contiguous: [m_z, log s_z, m_t, log s_t]
                        int64_t rows,                              // R
                        int64_t cols,                              // C
                        RowTiling tiling, acc_of<scalar_t> tau, acc_of<scalar_t> inv_tau,
@@ -423,7 +430,8 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     return;
   }
 
-  const acc_t lse_z = lse[row], lse_t = lse[rows + row], scale = row_grad * tau;
+  const acc_t shift_z = lse[row], log_sum_z = lse[rows + row], shift_t = lse[2 * rows + row],
+              log_sum_t = lse[3 * rows + row], scale = row_grad * tau;
   const scalar_t* z_row = student + row * z_row_stride;
   const scalar_t* t_row = teacher + row * t_row_stride;
   Packet<scalar_t, kVec> z_buf[kPackets], t_buf[kPackets];
@@ -439,7 +447,7 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
       for (int i = 0; i < kVec; ++i) {
         const acc_t zs = to_acc<acc_t>(z_buf[k].v[i]) * inv_tau;
         const acc_t ts = to_acc<acc_t>(t_buf[k].v[i]) * inv_tau;
-        values[i] = scale * (exp_acc(zs - lse_z) - exp_acc(ts - lse_t));
+        values[i] = scale * (exp_acc((zs - shift_z) - log_sum_z) - exp_acc((ts - shift_t) - log_sum_t));
       }
       store_packet_evict_first<scalar_t, kVec>(out_row + packet * kVec, round_to_packet<scalar_t>(values));
     }
@@ -518,7 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesa_kl_fwd_cuda(const at::Tensor
   const int64_t rows = student.size(0), cols = student.size(1);
   const auto acc_options = student.options().dtype(accumulation_type(student.scalar_type()));
   at::Tensor loss_rows = at::empty({rows}, acc_options);
-  at::Tensor lse = at::empty({2, rows}, acc_options);
+  at::Tensor lse = at::empty({4, rows}, acc_options);
   at::Tensor grad = with_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
   if (rows == 0) return {loss_rows, lse, grad};
 
@@ -557,7 +565,7 @@ at::Tensor mesa_kl_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& stude
               student.scalar_type(), " logits, got ", grad_rows.scalar_type());
   TORCH_CHECK(grad_rows.device() == student.device(), "mesa_kl_bwd: grad_rows must be on the student's device ",
               student.device(), ", got ", grad_rows.device());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 2 && lse.size(1) == rows, "mesa_kl_bwd: lse must have shape (2, ",
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == 4 && lse.size(1) == rows, "mesa_kl_bwd: lse must have shape (4, ",
               rows, "), got ", lse.sizes());
   TORCH_CHECK(lse.scalar_type() == acc, "mesa_kl_bwd: lse dtype must be ", acc, " for ", student.scalar_type(),
               " logits, got ", lse.scalar_type());

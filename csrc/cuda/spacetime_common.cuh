@@ -11,6 +11,9 @@
 #include <cstdint>
 #include <limits>
 
+#include "dynamic_smem.cuh"
+#include "shared_memory_plan.h"
+
 namespace torchnova {
 namespace spacetime_cuda {
 
@@ -106,15 +109,6 @@ inline at::Tensor with_unit_head_stride(const char* op, const char* name, const 
   at::Tensor unit = (x.stride(4) == 1 || x.size(4) == 1) ? x : x.contiguous();
   check_like_q(op, name, unit, q);
   return unit;
-}
-
-// Opts a kernel into `bytes` of dynamic shared memory, after checking the device allows it.
-template <typename Kernel>
-void set_dynamic_smem(const char* op, Kernel kernel, int64_t bytes, const char* what) {
-  const int64_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-  TORCH_CHECK(bytes <= limit, op, ": ", what, " needs ", bytes, " bytes of shared memory per block, this device ",
-              "allows ", limit, " (use the triton or cpp backend for this shape)");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // AT_DISPATCH over the three dtypes the kernels support (float64 is rejected by check_like_q, so it gets no

@@ -45,19 +45,21 @@ namespace {
 
 using namespace spacetime_cuda;
 
-constexpr int kFwdWarps = 4;
-constexpr int kFwdRowsPerWarp = 8;
-constexpr int kFwdBlockQ = kFwdWarps * kFwdRowsPerWarp;  // 32
-constexpr int kKeyBlock = 32;                             // keys per streamed block = lanes (fwd, dq)
+// Tile sizes live in shared_memory_plan.h, which also tells the backend reasons what each launch needs.
+constexpr int kFwdWarps = smem_plan::kSpatialFwdWarps;
+constexpr int kFwdRowsPerWarp = smem_plan::kSpatialFwdRowsPerWarp;
+constexpr int kFwdBlockQ = smem_plan::kSpatialFwdBlockQ;            // 32
+constexpr int kKeyBlock = smem_plan::kSpatialKeyBlock;              // keys per streamed block = lanes (fwd, dq)
 constexpr int kDkDvWarps = 8;
-constexpr int kDkDvQueryBlock = 32;                       // queries per streamed block = lanes (dkdv)
-constexpr int kDqWarps = 4;
+constexpr int kDkDvQueryBlock = smem_plan::kSpatialDkDvQueryBlock;  // queries per streamed block = lanes (dkdv)
+constexpr int kDqWarps = smem_plan::kSpatialDqWarps;
 constexpr int kDeltaWarps = 8;
+static_assert(kKeyBlock == kWarpSize && kDkDvQueryBlock == kWarpSize, "streamed blocks have one row per lane");
 
 template <int kDMax>
-constexpr int kDkDvBlockK = kDMax <= 128 ? 32 : 16;
+constexpr int kDkDvBlockK = smem_plan::spatial_dkdv_block_k(kDMax);
 template <int kDMax>
-constexpr int kDqRowsPerWarp = kDMax <= 128 ? 8 : 4;
+constexpr int kDqRowsPerWarp = smem_plan::spatial_dq_rows_per_warp(kDMax);
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -420,8 +422,10 @@ void dispatch_head_dim(int D, Fn&& fn) {
     fn(std::integral_constant<int, kMaxHeadDim>{});
   }
 }
+static_assert(smem_plan::spatial_head_dim_bucket(64) == 64 && smem_plan::spatial_head_dim_bucket(65) == 128 &&
+                  smem_plan::spatial_head_dim_bucket(129) == kMaxHeadDim,
+              "dispatch_head_dim and shared_memory_plan.h must agree on the buckets");
 
-int64_t tile_bytes(int rows, int D) { return int64_t(rows) * odd_stride(D) * int64_t(sizeof(float)); }
 
 std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                               const at::Tensor& v, double scale) {
@@ -438,12 +442,14 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cuda(const at::Tensor& 
 
   const int64_t query_blocks = (S + kFwdBlockQ - 1) / kFwdBlockQ;
   const unsigned blocks = checked_grid(op, B * T * H * query_blocks);
-  const int64_t smem_bytes = tile_bytes(kFwdBlockQ + 2 * kKeyBlock, D);
+  const int64_t smem_bytes = smem_plan::spatial_fwd_bytes(D);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "spatial_attention_fwd_cuda", [&] {
     dispatch_head_dim(D, [&](auto d_max) {
-      auto kernel = spatial_fwd_kernel<scalar_t, decltype(d_max)::value>;
-      set_dynamic_smem(op, kernel, smem_bytes, "the spatial forward kernel");
+      constexpr int kDMax = decltype(d_max)::value;
+      auto kernel = spatial_fwd_kernel<scalar_t, kDMax>;
+      cuda_smem::prepare_launch(op, kernel, smem_bytes, smem_plan::spatial_fwd_bytes(kDMax),
+                                "the spatial forward kernel");
       kernel<<<blocks, kFwdWarps * kWarpSize, smem_bytes, stream>>>(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           token_strides(q), token_strides(k), token_strides(v), static_cast<float>(scale), T, S, H, D, query_blocks,
@@ -487,9 +493,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       constexpr int kDMax = decltype(d_max)::value;
       constexpr int kBlockK = kDkDvBlockK<kDMax>;
       const int64_t key_blocks = (S + kBlockK - 1) / kBlockK;
-      const int64_t dkdv_smem = tile_bytes(2 * kBlockK + 2 * kDkDvQueryBlock, D);
+      const int64_t dkdv_smem = smem_plan::spatial_dkdv_bytes(D);
       auto dkdv_kernel = spatial_dkdv_kernel<scalar_t, kDMax>;
-      set_dynamic_smem(op, dkdv_kernel, dkdv_smem, "the spatial dk/dv kernel");
+      cuda_smem::prepare_launch(op, dkdv_kernel, dkdv_smem, smem_plan::spatial_dkdv_bytes(kDMax),
+                                "the spatial dk/dv kernel");
       dkdv_kernel<<<checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream>>>(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
@@ -499,9 +506,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
 
       constexpr int kBlockQ = kDqWarps * kDqRowsPerWarp<kDMax>;
       const int64_t query_blocks = (S + kBlockQ - 1) / kBlockQ;
-      const int64_t dq_smem = tile_bytes(2 * kBlockQ + 2 * kKeyBlock, D);
+      const int64_t dq_smem = smem_plan::spatial_dq_bytes(D);
       auto dq_kernel = spatial_dq_kernel<scalar_t, kDMax>;
-      set_dynamic_smem(op, dq_kernel, dq_smem, "the spatial dq kernel");
+      cuda_smem::prepare_launch(op, dq_kernel, dq_smem, smem_plan::spatial_dq_bytes(kDMax), "the spatial dq kernel");
       dq_kernel<<<checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream>>>(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),

@@ -49,20 +49,26 @@ namespace {
 
 using namespace spacetime_cuda;
 
-constexpr int kMaxFrames = 128;
-constexpr int kMaxWarpsPerBlock = 4;
-constexpr int kTileCols = 32;                     // head-dim columns per tile chunk = lanes
-constexpr int kTileLd = kTileCols + 1;            // odd row stride of the column tiles
+constexpr int kMaxFrames = smem_plan::kTemporalMaxFrames;
+constexpr int kMaxWarpsPerBlock = smem_plan::kTemporalMaxWarpsPerBlock;
+constexpr int kTileCols = smem_plan::kTemporalTileCols;  // head-dim columns per tile chunk = lanes
+constexpr int kTileLd = smem_plan::kTemporalTileLd;      // odd row stride of the column tiles
+static_assert(kTileCols == kWarpSize, "a column tile has one column per lane");
 constexpr int kReduceThreads = 256;
 constexpr int64_t kMaxWorkspaceFloats = int64_t(1) << 24;
 
-// Floats of shared memory per warp.
+// Floats of shared memory per warp (shared_memory_plan.h, also what the backend reasons check).
 __host__ __device__ __forceinline__ int forward_floats_per_warp(int T) {
-  return T * odd_stride(T) + 2 * T * kTileLd;
+  return static_cast<int>(smem_plan::temporal_fwd_floats_per_warp(T));
 }
 __host__ __device__ __forceinline__ int backward_floats_per_warp(int T) {
-  return 2 * T * odd_stride(T) + 2 * T * kTileLd;
+  return static_cast<int>(smem_plan::temporal_bwd_floats_per_warp(T));
 }
+// The most any launch requests: kMaxWarpsPerBlock warps at T = kMaxFrames (capped at the device limit).
+constexpr int64_t kMaxForwardSmemBytes =
+    kMaxWarpsPerBlock * smem_plan::temporal_fwd_floats_per_warp(kMaxFrames) * smem_plan::kFloatBytes;
+constexpr int64_t kMaxBackwardSmemBytes =
+    kMaxWarpsPerBlock * smem_plan::temporal_bwd_floats_per_warp(kMaxFrames) * smem_plan::kFloatBytes;
 
 __device__ __forceinline__ bool is_visible(int i, int j, bool causal,
                                            const int64_t* segment_row) {  // (T,) segment ids of batch b, or nullptr
@@ -364,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cuda(const at::Tensor&
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_fwd_cuda", [&] {
     auto kernel = temporal_fwd_kernel<scalar_t>;
-    set_dynamic_smem(op, kernel, smem_bytes, "the temporal forward kernel");
+    cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxForwardSmemBytes, "the temporal forward kernel");
     kernel<<<blocks, warps * kWarpSize, smem_bytes, stream>>>(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), token_strides(q),
         token_strides(k), token_strides(v), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
@@ -417,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_bwd_cuda", [&] {
     auto kernel = temporal_bwd_kernel<scalar_t>;
-    set_dynamic_smem(op, kernel, smem_bytes, "the temporal backward kernel");
+    cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxBackwardSmemBytes, "the temporal backward kernel");
     kernel<<<blocks, warps * kWarpSize, smem_bytes, stream>>>(
         grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k), token_strides(v),

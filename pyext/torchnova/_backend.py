@@ -168,10 +168,67 @@ def triton_reasons(device: torch.device) -> list[str]:
     return []
 
 
+# Device properties go through these two small helpers, so that tests can simulate any GPU on a CPU machine
+# (monkeypatch them: sm_120 has 101376 bytes of opt-in shared memory per block, sm_86/89 101376, sm_80 166912,
+# sm_90 232448). Both are cached by torch, so selection stays cheap and never syncs. They and
+# cuda_shared_memory_bytes are constants to torch.compile (evaluated once while tracing, no graph break).
+
+
+@torch.compiler.assume_constant_result
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device."""
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+@torch.compiler.assume_constant_result
+def device_smem_optin(device: torch.device) -> int:
+    """Bytes of shared memory one block may opt into on a CUDA device (cudaDevAttrMaxSharedMemoryPerBlockOptin)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block))
+
+
 def compute_capability_reasons(device: torch.device, minimum: tuple[int, int]) -> list[str]:
     if device.type != "cuda":
         return []
-    cap = torch.cuda.get_device_capability(device)
+    cap = device_capability(device)
     if cap < minimum:
         return [f"compute capability {cap[0]}.{cap[1]} < required {minimum[0]}.{minimum[1]}"]
     return []
+
+
+@torch.compiler.assume_constant_result
+def cuda_shared_memory_bytes(kernel: str, frames: int = 1, head_dim: int = 1) -> int:
+    """Shared memory per block of the smallest launch of a torchnova CUDA kernel at this shape.
+
+    The numbers come from the compiled extension (csrc/cuda/shared_memory_plan.h, the arithmetic the launchers
+    use), so they cannot drift from the kernels. Kernel names: temporal_fwd, temporal_bwd, spatial_fwd,
+    spatial_dkdv, spatial_dq, cogvideo_fwd, cogvideo_bwd. Needs the extension (call after extension_reasons).
+    """
+    from . import _ext
+
+    need = int(_ext._C.cuda_shared_memory_bytes(kernel, int(frames), int(head_dim)))
+    if need < 0:
+        raise ValueError(f"no shared-memory plan for kernel={kernel!r} at frames={frames}, head_dim={head_dim}")
+    return need
+
+
+def shared_memory_reasons(device: torch.device, needs: dict[str, int]) -> list[str]:
+    """Reasons for the launches in ``needs`` ({what: bytes per block}) that exceed the device's opt-in limit."""
+    if device.type != "cuda" or not needs:
+        return []
+    limit = device_smem_optin(device)
+    return [
+        f"{what} needs {need} bytes of shared memory per block; this device allows {limit} "
+        f"(shared_memory_per_block_optin)"
+        for what, need in needs.items()
+        if need > limit
+    ]
+
+
+def may_need_backward(*tensors) -> bool:
+    """Whether autograd could call the backward of an op on these inputs (grad mode on, some input requires grad).
+
+    Metadata only; used to check a backward's resources at selection time, so that "auto" never picks a
+    backend whose forward runs and whose backward then cannot.
+    """
+    return torch.is_grad_enabled() and any(t is not None and getattr(t, "requires_grad", False) for t in tensors)

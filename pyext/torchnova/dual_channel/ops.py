@@ -49,6 +49,12 @@ def _cuda_reasons(x, head_dim=None, **_):
         why.append(f"head dim D={head_dim} > {CUDA_MAX_HEAD_DIM}")
     if x.device.type == "cuda":
         why += _backend.compute_capability_reasons(x.device, (8, 0))
+    if not why and head_dim is not None:  # attention: fixed tiles per head-dim bucket (at most 82 KiB, backward)
+        needs = {
+            f"the cogvideo {part} (D={head_dim})": _backend.cuda_shared_memory_bytes(kernel, head_dim=int(head_dim))
+            for part, kernel in (("forward", "cogvideo_fwd"), ("backward", "cogvideo_bwd"))
+        }
+        why += _backend.shared_memory_reasons(x.device, needs)
     return why
 
 

@@ -6,7 +6,7 @@
 Op chain (per backend): ``torchnova::mesa_kl_fwd`` / ``mesa_kl_bwd`` (C++ schema in csrc/torchnova.cpp, CPU
 kernels in csrc/cpu, CUDA kernels in csrc/cuda) and ``torchnova::mesa_kl_fwd_triton`` / ``mesa_kl_bwd_triton``
 (Triton, mesa/triton_kernels.py) share one fake and one autograd formula. The forward returns the per-row loss,
-the two row log-sum-exps, and optionally the gradient itself:
+the two row log-sum-exps kept split as (row max, log-sum) pairs, and optionally the gradient itself:
 
 * ``cpp`` stashes the gradient in the forward (the row is in cache when its statistics are known, so the
   gradient costs no second read); the backward only scales it by the upstream per-row gradient.
@@ -53,10 +53,13 @@ def _cpp_reasons(student_logits, teacher_logits=None, **_):
 
 
 def _cuda_reasons(student_logits, teacher_logits=None, **_):
+    # sm_80+ like the other ops: the extension is built for sm_80 and up (setup.py), so an older GPU (V100, T4)
+    # has no kernel image and must fall back to triton/reference instead of failing at launch.
     return (
         _backend.extension_reasons(need_cuda=True)
         + _backend.device_reasons(student_logits.device, ("cuda",))
         + _backend.dtype_reasons(student_logits.dtype, _FLOAT_DTYPES)
+        + _backend.compute_capability_reasons(student_logits.device, (8, 0))
     )
 
 
@@ -87,7 +90,7 @@ def _fwd_fake(student, teacher, temperature, with_grad):
     rows, classes = student.shape
     acc = accumulation_dtype(student.dtype)
     loss_rows = student.new_empty((rows,), dtype=acc)
-    lse = student.new_empty((2, rows), dtype=acc)
+    lse = student.new_empty((4, rows), dtype=acc)  # [max z', log-sum z', max t', log-sum t'] (torchnova.cpp)
     grad = student.new_empty((rows, classes)) if with_grad else student.new_empty((0,))
     return loss_rows, lse, grad
 

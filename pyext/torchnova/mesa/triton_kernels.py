@@ -14,7 +14,10 @@ p_c = 0 (teacher logit -inf, or e^{t'_c - m_t} underflowing to 0) contributes ex
 Shapes / dtypes:
     student, teacher   (R, C), float32 / float16 / bfloat16 (same dtype, same device), any strides
     loss_rows          (R,)    float32
-    lse                (2, R)  float32 contiguous: lse[0] = logsumexp(z'), lse[1] = logsumexp(t')
+    lse                (4, R)  float32 contiguous: [m_z, log s_z, m_t, log s_t], the row max (0 for an all -inf
+                               row) and log-sum of each row; logsumexp(z') = m_z + log s_z, kept split so the
+                               backward forms exp((z' - m_z) - log s_z), never z' - lse rounded to the ulp of a
+                               large logit (a relative error of |lse| * 6e-8 in float32)
     grad               (R, C)  contiguous, student dtype (forward with_grad, and backward)
     grad_rows          (R,)    float32 (backward input, d total / d loss_rows)
 
@@ -30,8 +33,8 @@ num_warps = clamp(tile / 256, 4, 16).
     log-sum-exp for z' and t' (running max m, running sum s rescaled by e^{m_old - m_new} when the max grows)
     and the running cross term a, rescaled together with s_t. No (R, C) fp32 temporaries, so 256k classes are
     fine. With with_grad a second sweep over the same row (just read, so mostly still in L2) writes
-    tau * (exp(z' - lse_z) - exp(t' - lse_t)).
-  * Backward: one sweep per row, g = grad_rows[r] * tau * (exp(z' - lse[0, r]) - exp(t' - lse[1, r])).
+    tau * (exp((z' - m_z) - log s_z) - exp((t' - m_t) - log s_t)).
+  * Backward: one sweep per row, g = grad_rows[r] * tau * (exp((z' - m_z) - log s_z) - exp((t' - m_t) - log s_t)).
     Rows with grad_rows[r] == 0 are written as exact zeros and their logits are never loaded (they may be NaN).
 -inf handling: masked-off lanes load -inf, the running max uses a shift of 0 while it is still -inf (so
 exp(-inf - (-inf)) never happens), and the cross term is taken only where e^{t' - m_t} > 0 (no 0 * inf).
@@ -97,7 +100,7 @@ if HAS_TRITON:
         z_ptr,  # (R, C) student logits, strides (stride_zr, stride_zc)
         t_ptr,  # (R, C) teacher logits, strides (stride_tr, stride_tc)
         loss_ptr,  # (R,) float32 out: loss_rows
-        lse_ptr,  # (2, R) float32 out, contiguous: [lse(z'), lse(t')]
+        lse_ptr,  # (4, R) float32 out, contiguous: [m_z, log s_z, m_t, log s_t]
         grad_ptr,  # (R, C) student dtype out, contiguous; only touched when WITH_GRAD
         stride_zr,  # int: z.stride(0)
         stride_zc,  # int: z.stride(1)
@@ -138,8 +141,10 @@ if HAS_TRITON:
             s_t = tl.sum(e_t, axis=1)
             # p_c = 0 contributes exactly 0 (t' = -inf would give 0 * inf = NaN, and masked lanes -inf - -inf).
             a = tl.sum(tl.where(e_t > 0.0, e_t * (ts - zs), 0.0), axis=1)
-            lse_z = sh_z + tl.log(s_z)
-            lse_t = sh_t + tl.log(s_t)
+            log_s_z = tl.log(s_z)
+            log_s_t = tl.log(s_t)
+            lse_z = sh_z + log_s_z
+            lse_t = sh_t + log_s_t
             if WITH_GRAD:
                 # q = e_z / s_z and p = e_t / s_t, reusing the exps already in registers.
                 g = e_z * (tau / s_z)[:, None] - e_t * (tau / s_t)[:, None]
@@ -174,30 +179,38 @@ if HAS_TRITON:
                 a = tl.where(rescale_t == 0.0, 0.0, a * rescale_t)
                 a += tl.sum(tl.where(e_t > 0.0, e_t * (ts - zs), 0.0), axis=1)
                 m_t = new_m_t
-            lse_z = tl.where(m_z == float("-inf"), 0.0, m_z) + tl.log(s_z)
-            lse_t = tl.where(m_t == float("-inf"), 0.0, m_t) + tl.log(s_t)
+            sh_z = tl.where(m_z == float("-inf"), 0.0, m_z)
+            sh_t = tl.where(m_t == float("-inf"), 0.0, m_t)
+            log_s_z = tl.log(s_z)
+            log_s_t = tl.log(s_t)
+            lse_z = sh_z + log_s_z
+            lse_t = sh_t + log_s_t
             if WITH_GRAD:
-                # Second sweep over the row just read (mostly L2 hits): q and p from the final lse's.
+                # Second sweep over the row just read (mostly L2 hits): q and p from the final max and log-sum.
                 for c0 in range(0, C, BLOCK_C):
                     cols = c0 + cols0
                     mask = row_mask[:, None] & (cols < C)[None, :]
                     zs = _load_scaled(z_ptr, z_row, cols, stride_zc, mask, inv_tau, COL_I64)
                     ts = _load_scaled(t_ptr, t_row, cols, stride_tc, mask, inv_tau, COL_I64)
-                    g = tau * (tl.exp(zs - lse_z[:, None]) - tl.exp(ts - lse_t[:, None]))
+                    q = tl.exp((zs - sh_z[:, None]) - log_s_z[:, None])
+                    p = tl.exp((ts - sh_t[:, None]) - log_s_t[:, None])
+                    g = tau * (q - p)
                     g_offs = g_row[:, None] + cols[None, :]
                     tl.store(grad_ptr + g_offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
         loss = tau * tau * (a / s_t - lse_t + lse_z)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
-        tl.store(lse_ptr + rows, lse_z, mask=row_mask)
-        tl.store(lse_ptr + R + rows, lse_t, mask=row_mask)
+        tl.store(lse_ptr + rows, sh_z, mask=row_mask)
+        tl.store(lse_ptr + R + rows, log_s_z, mask=row_mask)
+        tl.store(lse_ptr + 2 * R + rows, sh_t, mask=row_mask)
+        tl.store(lse_ptr + 3 * R + rows, log_s_t, mask=row_mask)
 
     @triton.jit
     def _mesa_kl_bwd_kernel(
         grad_rows_ptr,  # (R,) float32 in, stride stride_gr
         z_ptr,  # (R, C) student logits, strides (stride_zr, stride_zc)
         t_ptr,  # (R, C) teacher logits, strides (stride_tr, stride_tc)
-        lse_ptr,  # (2, R) float32 in, strides (stride_l0, stride_l1)
+        lse_ptr,  # (4, R) float32 in, strides (stride_l0, stride_l1): [m_z, log s_z, m_t, log s_t]
         grad_ptr,  # (R, C) student dtype out, contiguous
         stride_gr,  # int: grad_rows.stride(0)
         stride_zr,  # int: z.stride(0)
@@ -226,8 +239,10 @@ if HAS_TRITON:
         g_r = tl.load(grad_rows_ptr + rows64 * stride_gr, mask=row_mask, other=0.0).to(tl.float32)
         # Rows with zero upstream gradient are masked: never read their logits or lse (they may be NaN).
         active = row_mask & (g_r != 0.0)
-        lse_z = tl.load(lse_ptr + rows64 * stride_l1, mask=active, other=0.0)
-        lse_t = tl.load(lse_ptr + stride_l0 + rows64 * stride_l1, mask=active, other=0.0)
+        sh_z = tl.load(lse_ptr + rows64 * stride_l1, mask=active, other=0.0)
+        log_s_z = tl.load(lse_ptr + stride_l0 + rows64 * stride_l1, mask=active, other=0.0)
+        sh_t = tl.load(lse_ptr + 2 * stride_l0 + rows64 * stride_l1, mask=active, other=0.0)
+        log_s_t = tl.load(lse_ptr + 3 * stride_l0 + rows64 * stride_l1, mask=active, other=0.0)
         scale = g_r * tau  # (BLOCK_R,)
 
         for c0 in range(0, C, BLOCK_C):
@@ -236,7 +251,10 @@ if HAS_TRITON:
             ld_mask = active[:, None] & col_mask[None, :]
             zs = _load_scaled(z_ptr, z_row, cols, stride_zc, ld_mask, inv_tau, COL_I64)
             ts = _load_scaled(t_ptr, t_row, cols, stride_tc, ld_mask, inv_tau, COL_I64)
-            g = scale[:, None] * (tl.exp(zs - lse_z[:, None]) - tl.exp(ts - lse_t[:, None]))
+            # Max and log-sum subtracted separately (see the module docstring): exact-ish for logits ~1e4.
+            q = tl.exp((zs - sh_z[:, None]) - log_s_z[:, None])
+            p = tl.exp((ts - sh_t[:, None]) - log_s_t[:, None])
+            g = scale[:, None] * (q - p)
             # select, not multiply: inactive lanes must be exact zeros even if their lse/logits were NaN.
             g = tl.where(active[:, None], g, 0.0)
             g_offs = g_row[:, None] + cols[None, :]
@@ -284,12 +302,12 @@ def _check_logits(student: Tensor, teacher: Tensor, temperature: float) -> None:
 
 def mesa_kl_fwd_triton(student: Tensor, teacher: Tensor, temperature: float,
                        with_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (loss_rows (R,) f32, lse (2, R) f32, grad (R, C) student dtype or empty)."""
+    """Returns (loss_rows (R,) f32, lse (4, R) f32 = [m_z, log s_z, m_t, log s_t], grad (R, C) or empty)."""
     _check_logits(student, teacher, temperature)
     R, C = student.shape
     dev = student.device
     loss_rows = torch.empty(R, dtype=torch.float32, device=dev)
-    lse = torch.empty(2, R, dtype=torch.float32, device=dev)
+    lse = torch.empty(4, R, dtype=torch.float32, device=dev)
     if with_grad:
         grad = torch.empty(R, C, dtype=student.dtype, device=dev)
     else:
@@ -318,8 +336,8 @@ def mesa_kl_bwd_triton(grad_rows: Tensor, student: Tensor, teacher: Tensor, lse:
     R, C = student.shape
     if grad_rows.shape != (R,):
         raise ValueError(f"mesa_kl: grad_rows must have shape ({R},), got {tuple(grad_rows.shape)}")
-    if lse.shape != (2, R):
-        raise ValueError(f"mesa_kl: lse must have shape (2, {R}), got {tuple(lse.shape)}")
+    if lse.shape != (4, R):
+        raise ValueError(f"mesa_kl: lse must have shape (4, {R}), got {tuple(lse.shape)}")
     grad = torch.empty(R, C, dtype=student.dtype, device=student.device)
     if R == 0:
         return grad

@@ -34,9 +34,10 @@ _CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_MAX_HEAD_DIM = 256
 CUDA_MAX_FRAMES = 128
-# The temporal backward keeps a T x T tile per warp in shared memory: above this T it needs more than the
-# ~99 KB per block of sm_86 / sm_89 GPUs (RTX 30xx/40xx, A-series workstation cards).
-CUDA_MAX_FRAMES_SMALL_SMEM = 97
+# The temporal kernels keep T x T tiles per warp in shared memory, so which T runs depends on the device's opt-in
+# limit per block: e.g. on 99 KB cards (sm_86/89/120/121) the backward fits up to T = 97 and the forward up to 128.
+# The reasons compare the device's shared_memory_per_block_optin with the bytes the launchers request
+# (_backend.cuda_shared_memory_bytes, from csrc/cuda/shared_memory_plan.h).
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,14 +59,31 @@ def _cuda_reasons(q, **_):
     return why + _backend.compute_capability_reasons(q.device, (8, 0))
 
 
-def _cuda_temporal_reasons(q, **inputs):
+def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
     why = _cuda_reasons(q, **inputs)
-    T = q.shape[1]
+    if why:
+        return why
+    D = int(q.shape[-1])
+    needs = {f"the spatial forward (D={D})": _backend.cuda_shared_memory_bytes("spatial_fwd", head_dim=D)}
+    if _backend.may_need_backward(q, k, v):
+        needs[f"the spatial dk/dv backward (D={D})"] = _backend.cuda_shared_memory_bytes("spatial_dkdv", head_dim=D)
+        needs[f"the spatial dq backward (D={D})"] = _backend.cuda_shared_memory_bytes("spatial_dq", head_dim=D)
+    return _backend.shared_memory_reasons(q.device, needs)
+
+
+def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
+    why = _cuda_reasons(q, **inputs)
+    T = int(q.shape[1])
     if T > CUDA_MAX_FRAMES:
         why.append(f"T={T} frames > {CUDA_MAX_FRAMES}")
-    elif T > CUDA_MAX_FRAMES_SMALL_SMEM and not why and torch.cuda.get_device_capability(q.device) in ((8, 6), (8, 9)):
-        why.append(f"T={T} > {CUDA_MAX_FRAMES_SMALL_SMEM} needs more shared memory per block than sm_86/sm_89 have")
-    return why
+    if why:
+        return why
+    # One warp per block at least; the launchers fit as many warps (up to 4) as the limit allows. The backward
+    # is checked whenever autograd may call it, so "auto" never picks a forward whose backward cannot launch.
+    needs = {f"the temporal forward (T={T})": _backend.cuda_shared_memory_bytes("temporal_fwd", frames=T)}
+    if _backend.may_need_backward(q, k, v, bias):
+        needs[f"the temporal backward (T={T})"] = _backend.cuda_shared_memory_bytes("temporal_bwd", frames=T)
+    return _backend.shared_memory_reasons(q.device, needs)
 
 
 def _triton_reasons(q, **_):
@@ -99,7 +117,7 @@ def _reference_reasons(q, **_):
 # in its (slow) interpreter; on a GPU the order is cuda, triton.
 for _op, _cuda, _triton in (
     ("temporal_attention", _cuda_temporal_reasons, _triton_temporal_reasons),
-    ("spatial_attention", _cuda_reasons, _triton_reasons),
+    ("spatial_attention", _cuda_spatial_reasons, _triton_reasons),
 ):
     _backend.register(_op, "cuda", _cuda)
     _backend.register(_op, "cpp", _cpp_reasons)

@@ -1,0 +1,103 @@
+// Dynamic shared memory per block that the CUDA launchers request, as a function of the shape.
+//
+// One header for the launchers (csrc/cuda/*.cu, which size their launches with these functions) and for
+// torchnova._C.cuda_shared_memory_bytes (csrc/torchnova.cpp), which the Python backend reasons compare with the
+// device's sharedMemPerBlockOptin before picking the cuda backend: the numbers cannot drift apart. Plain C++ (no
+// CUDA headers), so a CPU-only build exports the same numbers. Every tile is float32 whatever the input dtype,
+// so no size depends on the dtype.
+//
+//   kernel         size (bytes) of the smallest launch the launcher makes
+//   temporal_fwd   one warp: 4 * (T * (T | 1) + 2 * T * 33)           (1 <= T <= 128; up to 4 warps per block)
+//   temporal_bwd   one warp: 4 * (2 * T * (T | 1) + 2 * T * 33)
+//   spatial_fwd    4 * (32 + 2 * 32) * (D | 1)
+//   spatial_dkdv   4 * (2 * BK + 2 * 32) * (D | 1),   BK = 32 for D <= 128, else 16
+//   spatial_dq     4 * (2 * BQ + 2 * 32) * (D | 1),   BQ = 4 warps * (8 rows for D <= 128, else 4)
+//   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
+//   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
+// The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+namespace torchnova {
+namespace smem_plan {
+
+constexpr int64_t kFloatBytes = 4;
+
+// Row stride of a float tile with `width` used columns: odd, so the 32 lanes reading one column of 32 rows hit 32
+// different banks.
+constexpr int odd_width(int width) { return width | 1; }
+
+// ----- Temporal attention (spacetime_temporal.cu): per warp, probs [T][T | 1] (and dprobs in the backward) plus
+// two [T][33] column tiles.
+constexpr int kTemporalMaxFrames = 128;
+constexpr int kTemporalMaxWarpsPerBlock = 4;
+constexpr int kTemporalTileCols = 32;
+constexpr int kTemporalTileLd = kTemporalTileCols + 1;
+
+constexpr int64_t temporal_fwd_floats_per_warp(int T) {
+  return int64_t(T) * odd_width(T) + 2 * int64_t(T) * kTemporalTileLd;
+}
+constexpr int64_t temporal_bwd_floats_per_warp(int T) {
+  return 2 * int64_t(T) * odd_width(T) + 2 * int64_t(T) * kTemporalTileLd;
+}
+
+// ----- Spatial attention (spacetime_spatial.cu): head-dim buckets of 64, 128, 256 fix the template instance.
+constexpr int kSpatialMaxHeadDim = 256;
+constexpr int kSpatialFwdWarps = 4;
+constexpr int kSpatialFwdRowsPerWarp = 8;
+constexpr int kSpatialFwdBlockQ = kSpatialFwdWarps * kSpatialFwdRowsPerWarp;  // 32
+constexpr int kSpatialKeyBlock = 32;        // keys per streamed block = lanes (fwd, dq)
+constexpr int kSpatialDkDvQueryBlock = 32;  // queries per streamed block = lanes (dkdv)
+constexpr int kSpatialDqWarps = 4;
+
+constexpr int spatial_head_dim_bucket(int D) { return D <= 64 ? 64 : (D <= 128 ? 128 : kSpatialMaxHeadDim); }
+constexpr int spatial_dkdv_block_k(int d_max) { return d_max <= 128 ? 32 : 16; }
+constexpr int spatial_dq_rows_per_warp(int d_max) { return d_max <= 128 ? 8 : 4; }
+constexpr int spatial_dq_block_q(int d_max) { return kSpatialDqWarps * spatial_dq_rows_per_warp(d_max); }
+
+constexpr int64_t spatial_tile_bytes(int rows, int D) { return int64_t(rows) * odd_width(D) * kFloatBytes; }
+constexpr int64_t spatial_fwd_bytes(int D) { return spatial_tile_bytes(kSpatialFwdBlockQ + 2 * kSpatialKeyBlock, D); }
+constexpr int64_t spatial_dkdv_bytes(int D) {
+  return spatial_tile_bytes(2 * spatial_dkdv_block_k(spatial_head_dim_bucket(D)) + 2 * kSpatialDkDvQueryBlock, D);
+}
+constexpr int64_t spatial_dq_bytes(int D) {
+  return spatial_tile_bytes(2 * spatial_dq_block_q(spatial_head_dim_bucket(D)) + 2 * kSpatialKeyBlock, D);
+}
+
+// ----- CogVideo dual-channel attention (dual_channel_attention.cu): the head-dim bucket fixes the tile of
+// 4096 / bucket tokens; q, k, v (and dO in the backward) tiles of bucket + 1 floats per token, a (block, block + 1)
+// score tile, and (backward) lse and delta of the block's tokens.
+constexpr int kDualMaxHeadDim = 256;
+constexpr int dual_head_dim_bucket(int D) { return D <= 64 ? 64 : (D <= 128 ? 128 : kDualMaxHeadDim); }
+constexpr int dual_block(int bucket) { return 4096 / bucket; }
+constexpr int64_t dual_tile_floats(int bucket) { return int64_t(dual_block(bucket)) * (bucket + 1); }
+constexpr int64_t dual_score_floats(int bucket) { return int64_t(dual_block(bucket)) * (dual_block(bucket) + 1); }
+constexpr int64_t dual_fwd_bytes_of_bucket(int bucket) {
+  return kFloatBytes * (3 * dual_tile_floats(bucket) + dual_score_floats(bucket));
+}
+constexpr int64_t dual_bwd_bytes_of_bucket(int bucket) {
+  return kFloatBytes * (4 * dual_tile_floats(bucket) + dual_score_floats(bucket) + 2 * dual_block(bucket));
+}
+
+// Bytes of the smallest launch of `kernel` (names in the table above) at frames T and head dim D; -1 for an
+// unknown kernel name or a shape outside the kernel's limits.
+inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
+  if (kernel == "temporal_fwd" || kernel == "temporal_bwd") {
+    if (T < 1 || T > kTemporalMaxFrames) return -1;
+    const int t = static_cast<int>(T);
+    return kFloatBytes * (kernel == "temporal_fwd" ? temporal_fwd_floats_per_warp(t) : temporal_bwd_floats_per_warp(t));
+  }
+  if (D < 1 || D > kSpatialMaxHeadDim) return -1;
+  const int d = static_cast<int>(D);
+  if (kernel == "spatial_fwd") return spatial_fwd_bytes(d);
+  if (kernel == "spatial_dkdv") return spatial_dkdv_bytes(d);
+  if (kernel == "spatial_dq") return spatial_dq_bytes(d);
+  if (kernel == "cogvideo_fwd") return dual_fwd_bytes_of_bucket(dual_head_dim_bucket(d));
+  if (kernel == "cogvideo_bwd") return dual_bwd_bytes_of_bucket(dual_head_dim_bucket(d));
+  return -1;
+}
+
+}  // namespace smem_plan
+}  // namespace torchnova
