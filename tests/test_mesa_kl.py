@@ -154,13 +154,10 @@ def test_non_contiguous_inputs(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("magnitude", [1e4, -1e4])
-def test_extreme_logits_are_finite(backend, device, magnitude, request):
-    if backend in ("triton", "cuda"):
-        # Found by the stricter tolerance (issue 18): these backwards recompute q - p as exp(z' - lse_z) -
-        # exp(t' - lse_t) from the saved fp32 lse, whose ulp at |lse| ~ 1e4 is ~1e-3, so gradient elements are
-        # off by up to ~0.2 % (Triton interpreter: 3.8e-6 on 1.85e-3). The cpp kernel (and the CUDA forward
-        # with_grad path) use exponents relative to the row max and pass. Strict: passes once fixed.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="GPU mesa_kl backward: fp32 lse at |logits| ~ 1e4"))
+def test_extreme_logits_are_finite(backend, device, magnitude):
+    # Every backward computes q - p as exp((z' - max) - log-sum) from the saved row max and log-sum (lse (4, R)):
+    # from one fp32 lse, whose ulp at |lse| ~ 1e4 is ~1e-3, the Triton/CUDA gradients were off by up to ~0.2 %
+    # (found by the stricter tolerance rule, fixed with the CUDA review's saved statistics).
     student, teacher = make_logits((5, 64), torch.float32, device, scale=1.0)
     student[:, ::3] = magnitude
     teacher[:, 1::5] = -magnitude
