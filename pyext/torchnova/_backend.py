@@ -138,3 +138,36 @@ def compute_capability_reasons(device: torch.device, minimum: tuple[int, int]) -
     if cap < minimum:
         return [f"compute capability {cap[0]}.{cap[1]} < required {minimum[0]}.{minimum[1]}"]
     return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared memory per block: what the Triton launchers size their configurations by.
+# ---------------------------------------------------------------------------------------------------------
+
+# Opt-in shared memory per block (bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin) of the targets every Triton
+# launch configuration is compile-checked for (scripts/compile_check_triton.py, docs/triton_configs.md).
+SHARED_MEMORY_SM80 = 166_912  # A100, A30 (163 KB)
+SHARED_MEMORY_SM86 = 101_376  # RTX 30xx / A10 / A40 (sm_86), RTX 40xx / L4 / L40 (sm_89), RTX 50xx (sm_120): 99 KB
+SHARED_MEMORY_SM90 = 232_448  # H100 / H200 (227 KB)
+# The limit the launchers assume where there is no device to ask (CPU tensors under the Triton interpreter): the
+# smallest checked one, so the interpreter tests run the configurations of the consumer cards.
+DEFAULT_SHARED_MEMORY = SHARED_MEMORY_SM86
+
+_SHARED_MEMORY_CACHE: dict[int, int] = {}
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block (bytes) of ``device``: ``shared_memory_per_block_optin`` of a CUDA device
+    (cached per device index), ``DEFAULT_SHARED_MEMORY`` for any other device (the Triton interpreter). Every
+    Triton launcher picks its configuration from this value, so tests patch this one function to run the
+    configuration of another card."""
+    if device.type != "cuda":
+        return DEFAULT_SHARED_MEMORY
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limit = _SHARED_MEMORY_CACHE.get(index)
+    if limit is None:
+        props = torch.cuda.get_device_properties(index)
+        limit = int(getattr(props, "shared_memory_per_block_optin", DEFAULT_SHARED_MEMORY))
+        _SHARED_MEMORY_CACHE[index] = limit
+    return limit
+
