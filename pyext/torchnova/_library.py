@@ -50,8 +50,8 @@ def pick_config(candidates: Sequence[LaunchConfig], shared_limit: int) -> Option
     """The first of ``candidates`` (ordered by preference) whose shared memory fits ``shared_limit`` bytes, or None.
 
     ``shared`` is what Triton allocates for that configuration, measured by scripts/compile_check_triton.py
-    (the largest over sm_80/86/89/90/120 and every mode); the check fails if a configuration that a launcher can
-    pick for a target needs more than the target's limit, so a stale figure cannot go unnoticed."""
+    --measure (the larger of sm_86 and sm_90); the check (a CI step) fails if a configuration that a launcher can
+    pick for a target needs more than that target's limit, so a stale figure cannot go unnoticed."""
     for config in candidates:
         if config.shared <= shared_limit:
             return config

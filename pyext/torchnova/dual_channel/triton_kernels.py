@@ -89,31 +89,47 @@ def _c(block_m: int, block_n: int, num_warps: int, num_stages: int, shared: int)
 
 # Launch configurations per (IEEE fp32 dots or not, D_PAD bucket): for each kernel (forward, dK/dV, dQ) the
 # candidates (query tile BLOCK_M, key tile BLOCK_N, num_warps, num_stages, shared bytes) in order of preference;
-# _config takes the first whose shared memory fits the device's opt-in limit per block. Picked without a GPU:
-# the largest tiles for which ptxas reports no register spill (over 1 KB) in any mode, with a fallback that fits
-# the 99 KB of an sm_86 / sm_89 / sm_120 block where the first does not (fewer stages: the walked tiles are
-# the pipelined ones). ``shared`` is the most Triton 3.8 allocates for the configuration on sm_80/86/89/90/120
-# in any mode (scripts/compile_check_triton.py --measure; per target figures, registers and spills in
-# docs/triton_configs.md). dK/dV owns BLOCK_N keys and walks BLOCK_M queries: at fp32, D = 64 a 64-query walk
-# spills 13-16 KB per thread on sm_86/89/90/120 in the plus / full / sequential mode, 32 does not. Not timed.
-_CONFIGS = {
+# _config takes the first whose shared memory fits the device's opt-in limit per block. Picked without a GPU: the
+# first candidates are the largest tiles for which ptxas (triton 3.8, sm_86) reported no register spill in the
+# heaviest mode; where they need more than the 99 KB of an sm_86 / sm_89 / sm_120 block, the fallback drops a
+# pipeline stage (the walked k/v or q/dO tiles are the ones staged in shared memory, one buffer per stage).
+# ``shared`` is the most Triton 3.8 and 3.9 (identical here) allocate for the configuration on sm_86 and sm_90
+# (the two layouts families: mma v2 for sm_80/86/89/120, wgmma for sm_90) with every pointer 16-byte aligned and
+# every integer argument divisible by 16, as a launch on torch tensors specializes them (then loads are staged with
+# cp.async: without that specialization the figures are up to 40 % lower), in the plus / window / interpolation
+# mode (scripts/compile_check_triton.py --measure; every target and mode: docs/triton_configs.md). dK/dV owns
+# BLOCK_N keys and walks BLOCK_M queries: at fp32, D = 64 a 64-query walk spills 13-16 KB per thread on
+# sm_86/89/90/120 in the plus / full / sequential mode (issue 14's sweep), a 32-query one does not. Not timed.
+_CONFIGS = {  # (ieee, D_PAD): (forward candidates, dK/dV candidates, dQ candidates)
     (False, 64): (
-        (_c(64, 32, 4, 3, 16392),), (_c(64, 32, 4, 3, 33800),), (_c(32, 64, 4, 3, 24584),),
+        (_c(64, 32, 4, 3, 32768),),
+        (_c(64, 32, 4, 3, 46080),),
+        (_c(32, 64, 4, 3, 45056),),
     ),
     (False, 128): (
-        (_c(64, 64, 8, 3, 49160), _c(64, 64, 8, 2, 49156)), (_c(32, 32, 4, 3, 41480),), (_c(64, 64, 8, 3, 65544), _c(64, 64, 8, 2, 65540)),
+        (_c(64, 64, 8, 3, 114688), _c(64, 64, 8, 2, 81920)),  # 3 stages: 104-112 KB
+        (_c(32, 32, 4, 3, 51712),),
+        (_c(64, 64, 8, 3, 131072), _c(64, 64, 8, 2, 98304)),  # 3 stages: 104 KB on sm_86, 128 KB on sm_90
     ),
     (False, 256): (
-        (_c(32, 32, 8, 3, 34824), _c(32, 32, 8, 2, 34820)), (_c(16, 16, 4, 3, 37128),), (_c(32, 32, 8, 3, 65544), _c(32, 32, 8, 2, 65540)),
+        (_c(32, 32, 8, 3, 83968), _c(32, 32, 8, 2, 51200)),
+        (_c(16, 16, 4, 3, 49920),),
+        (_c(32, 32, 8, 3, 100352), _c(32, 32, 8, 2, 67584)),
     ),
     (True, 64): (
-        (_c(64, 32, 8, 2, 41216),), (_c(32, 32, 8, 2, 37120),), (_c(64, 32, 8, 2, 57344),),
+        (_c(64, 32, 8, 2, 41216),),
+        (_c(32, 32, 8, 2, 37120),),  # a 64-query walk spills 13-16 KB in the plus / full / sequential mode
+        (_c(64, 32, 8, 2, 57344),),
     ),
     (True, 128): (
-        (_c(32, 64, 8, 2, 90240), _c(32, 32, 8, 2, 53248)), (_c(32, 32, 8, 2, 69888),), (_c(32, 32, 8, 2, 69632),),
+        (_c(32, 64, 8, 2, 90240), _c(32, 32, 8, 2, 53248)),
+        (_c(32, 32, 8, 2, 69888),),
+        (_c(32, 32, 8, 2, 69632),),
     ),
     (True, 256): (
-        (_c(16, 16, 4, 2, 50240),), (_c(16, 16, 4, 2, 66688),), (_c(16, 16, 4, 2, 66560),),
+        (_c(16, 16, 4, 2, 50240),),
+        (_c(16, 16, 4, 2, 66688),),
+        (_c(16, 16, 4, 2, 66560),),
     ),
 }
 # Caps on the query / key tile of every kernel (module-level: tests shrink them to 16 so that tiny grids have
@@ -593,7 +609,9 @@ class _Layout:
 _FWD, _DKDV, _DQ = range(3)
 
 
-def _config(kernel: int, head_dim: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY) -> Optional[dict]:
+def _config(
+    kernel: int, head_dim: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY
+) -> Optional[dict]:
     """Launch constants of one attention kernel (_FWD, _DKDV, _DQ): BLOCK_M (query tile), BLOCK_N (key tile),
     D_PAD, num_warps, num_stages, for a device with ``shared_limit`` bytes of shared memory per block; None if no
     candidate fits. A pure function of its arguments (and the BLOCK_M / BLOCK_N caps): the compile check calls it

@@ -283,7 +283,7 @@ def temporal_config(
     if shared > shared_limit:
         return None
     elements = t_pad * d_pad * (2 if ieee else 1) * (2 if kernel == "bwd" else 1)
-    num_warps = 4 if elements <= 4096 else 8 if elements <= 16384 else 16
+    num_warps = 4 if elements < 4096 else 8 if elements < 16384 else 16
     return TemporalConfig(t_pad, d_pad, num_warps, 1, shared)
 
 
@@ -623,30 +623,33 @@ def _c(block_m: int, block_n: int, num_warps: int, num_stages: int, shared: int)
 # fwd and dq own BLOCK_M query rows and walk BLOCK_N keys; dkdv owns BLOCK_N keys and walks BLOCK_M queries.
 # The first candidate of each list is the A100/H100 configuration written from the FA2 Triton tutorial's sizes
 # with the register budget in mind (the owned tile and its fp32 accumulator stay in registers, the walked tiles
-# are pipelined through shared memory; fp32 owns half the rows: IEEE fp32 dots need twice the registers per
-# element). The later ones drop a pipeline stage, then halve the walked tile, then the owned one, until they fit
-# the 99 KB of sm_86 / sm_89 / sm_120. ``shared`` (the last field, bytes) is the most Triton 3.8 allocates for the
-# configuration on sm_80/86/89/90/120 (scripts/compile_check_triton.py --measure; per target figures, registers
-# and spills in docs/triton_configs.md). Not timed on a GPU yet.
+# are pipelined through shared memory, one buffer per stage; fp32 owns half the rows: IEEE fp32 dots need twice
+# the registers per element). The later ones drop a pipeline stage, then halve a tile, until they fit the 99 KB of
+# sm_86 / sm_89 / sm_120. fp32, D_PAD 128 forward: 64 x 64 with 3 stages needs 176 KB and spills 25-34 KB per
+# thread (issue 14's sweep), so 64 x 32 with 2 stages (72 KB) is the only large one. ``shared`` (the last field,
+# bytes) is the most Triton 3.8 and 3.9 (identical here) allocate for the configuration on sm_86 and sm_90 (the
+# mma v2 and wgmma layout families) with 16-byte aligned pointers and integer arguments divisible by 16, as a
+# launch on torch tensors specializes them (scripts/compile_check_triton.py --measure; every target:
+# docs/triton_configs.md). Not timed on a GPU yet.
 _SPATIAL_CANDIDATES = {
     ("fwd", False): {
-        64: (_c(128, 64, 4, 3, 32768), _c(128, 64, 4, 2, 32768), _c(64, 64, 4, 2, 24576)),
-        128: (_c(128, 64, 8, 3, 65536), _c(128, 64, 8, 2, 65536), _c(64, 64, 4, 2, 49152)),
-        256: (_c(64, 32, 8, 2, 65536), _c(32, 32, 4, 2, 34816), _c(16, 32, 4, 2, 25600)),
+        64: (_c(128, 64, 4, 3, 65536), _c(128, 64, 4, 2, 49152), _c(64, 64, 4, 2, 40960)),
+        128: (_c(128, 64, 8, 3, 131072), _c(128, 64, 8, 2, 98304), _c(64, 64, 4, 2, 81920)),
+        256: (_c(64, 32, 8, 2, 98304), _c(32, 32, 4, 2, 51200), _c(16, 32, 4, 2, 41984)),
     },
     ("dq", False): {
-        64: (_c(128, 32, 4, 3, 40960), _c(128, 32, 4, 2, 40960), _c(64, 32, 4, 2, 24576)),
-        128: (_c(64, 32, 8, 2, 49152), _c(32, 32, 4, 2, 32768)),
-        256: (_c(32, 32, 8, 2, 65536), _c(16, 32, 4, 2, 40960)),
+        64: (_c(128, 32, 4, 3, 57344), _c(128, 32, 4, 2, 49152), _c(64, 32, 4, 2, 32768)),
+        128: (_c(64, 32, 8, 2, 65536), _c(32, 32, 4, 2, 34816)),
+        256: (_c(32, 32, 8, 2, 67584), _c(16, 32, 4, 2, 50176)),
     },
     ("dkdv", False): {
-        64: (_c(32, 128, 8, 3, 45568), _c(32, 128, 8, 2, 45312), _c(32, 64, 4, 2, 28928)),
-        128: (_c(32, 64, 8, 2, 57600), _c(32, 32, 4, 2, 41216)),
-        256: (_c(16, 64, 8, 2, 90240), _c(16, 32, 4, 2, 53376)),
+        64: (_c(32, 128, 8, 3, 57856), _c(32, 128, 8, 2, 49408), _c(32, 64, 4, 2, 33024)),
+        128: (_c(32, 64, 8, 2, 65792), _c(32, 32, 4, 2, 35072)),
+        256: (_c(16, 64, 8, 2, 98432), _c(16, 32, 4, 2, 50304)),
     },
     ("fwd", True): {
         64: (_c(64, 64, 4, 3, 98304), _c(64, 64, 4, 2, 65536), _c(64, 32, 4, 2, 41216)),
-        128: (_c(64, 32, 8, 2, 73728), _c(32, 32, 4, 2, 53248)),  # 64 x 64, 3 stages: 176 KB, spills 25-34 KB
+        128: (_c(64, 32, 8, 2, 73728), _c(32, 32, 4, 2, 53248)),
         256: (_c(32, 32, 8, 2, 102528), _c(32, 16, 4, 2, 67712), _c(16, 16, 4, 2, 50240)),
     },
     ("dq", True): {
