@@ -679,7 +679,8 @@ def spatial_config(
     # Shrinking a tile to a short sequence only lowers the shared memory the configuration needs.
     block_m, block_n = max(16, min(config.block_m, fit)), max(16, min(config.block_n, fit))
     num_warps = config.num_warps
-    if block_m * block_n <= 32 * 32:  # a small tile does not need 8 warps
+    shrunk = (block_m, block_n) != (config.block_m, config.block_n)
+    if shrunk and block_m * block_n <= 32 * 32:  # a tile shrunk to a short sequence does not need 8 warps
         num_warps = min(num_warps, 4)
     return SpatialConfig(block_m, block_n, d_pad, num_warps, config.num_stages)
 
