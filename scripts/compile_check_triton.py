@@ -20,7 +20,10 @@ yields the exact ``shared`` of the compiled kernel (the figure the launch checks
 LLVM or ptxas (about 0.3-0.8 s a kernel instead of 1-40 s). It compiles every dtype, head-dim / T bucket and
 target, with one mode per kernel: the heaviest (all of bias, segments, causal, bias gradient for the temporal
 kernels; plus / window / interpolation for the dual-channel ones) and the largest tiles (long sequences);
-shorter sequences only shrink tiles. About 2 minutes on 2 cores with --jobs 2.
+shorter sequences only shrink tiles. sm_80, sm_86, sm_89 and sm_120 share the mma v2 layouts and gave the same
+shared memory for every configuration (triton 3.8 and 3.9), so a configuration two of them pick is compiled once
+and checked against each limit (--every-target compiles it for each): 765 configurations, 317 compiles, a few
+minutes on 2 cores with --jobs 2.
 Full mode (--full): every mode and sequence-length bucket, through ptxas (the one shipped in the triton wheel);
 also reports registers per thread and spills (the per-thread local memory of the cubin: what the driver reports
 as n_spills) from cuobjdump -res-usage. Long (tens of minutes to hours on 2 cores).
@@ -67,6 +70,7 @@ TARGETS = {
     90: _backend.SHARED_MEMORY_SM90,
     120: _backend.SHARED_MEMORY_SM86,
 }
+_MMA_V2_TARGETS = (80, 86, 89, 120)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FAMILIES = ("spatial", "temporal", "dual_channel", "mesa")
 _POINTER_TYPES = {  # pointer arguments whose element type is not the inputs' dtype
@@ -430,6 +434,9 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true", help="print failures and the summary only")
     parser.add_argument("--match", default=None,
                         help="only cases whose 'kernel dtype [label]' matches this regular expression")
+    parser.add_argument("--every-target", action="store_true",
+                        help="fast mode: compile for each target even where another of the same layout family "
+                             "(sm_80/86/89/120: mma v2) already compiled the same configuration")
     parser.add_argument("--dry-run", action="store_true", help="count the compiles and exit")
     args = parser.parse_args()
     archs = [int(a) for a in args.arch.split(",")]
@@ -444,7 +451,18 @@ def main() -> int:
     if args.match:
         pattern = re.compile(args.match)
         cases = [c for c in cases if pattern.search(f"{c.name} {c.dtype} [{c.label}]")]
-    print(f"[compile-check] triton {triton.__version__}, {len(cases)} compiles "
+    # Fast mode: sm_80, sm_86, sm_89 and sm_120 lower tl.dot to the same mma v2 layouts, and the shared memory of a
+    # configuration was the same on all four for every configuration here (triton 3.8 and 3.9, docs/
+    # triton_configs.md); a configuration two of them can pick is compiled once and checked against each limit.
+    aliases: dict[int, int] = {}  # case index -> index of the case whose result it reuses
+    if not (args.full or args.ptxas or args.measure or args.every_target):
+        first: dict = {}
+        for index, case in enumerate(cases):
+            if case.arch in _MMA_V2_TARGETS:
+                key = (case.name, case.dtype, tuple(sorted(case.constexprs.items())), case.num_warps, case.num_stages)
+                aliases[index] = first.setdefault(key, index)
+        aliases = {i: j for i, j in aliases.items() if i != j}
+    print(f"[compile-check] triton {triton.__version__}, {len(cases) - len(aliases)} compiles "
           f"({'ptxas' if args.full or args.ptxas else 'fast, shared memory'}{', every mode' if args.full else ''}), "
           f"{len(excluded)} excluded configurations, "
           f"{args.jobs} jobs", flush=True)  # fmt: skip
@@ -453,12 +471,19 @@ def main() -> int:
     started = time.perf_counter()
     results = []
     _CASES[:] = cases
+    compiled = [i for i in range(len(cases)) if i not in aliases]
     context = multiprocessing.get_context("fork")
+    by_index = {}
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=context) as pool:
-        for result in pool.map(run_case, range(len(cases)), [args.full or args.ptxas] * len(cases), chunksize=1):
-            results.append(result)
+        for index, result in zip(
+            compiled, pool.map(run_case, compiled, [args.full or args.ptxas] * len(compiled), chunksize=1)
+        ):
+            by_index[index] = result
             if not args.quiet or result["error"]:
                 print(_line(result), flush=True)
+    for index, source in aliases.items():
+        by_index[index] = dict(by_index[source], arch=cases[index].arch, seconds=0.0)
+    results = [by_index[i] for i in range(len(cases))]
     failures = [r for r in results if r["error"]]
     over = [r for r in results if not r["error"] and not args.measure and r["shared"] > TARGETS[r["arch"]]]
     for r in over:
@@ -475,7 +500,8 @@ def main() -> int:
             print(f"measure {candidate}: {shared}")
     if args.report:
         write_report(args.report, results, excluded, args.full or args.ptxas)
-    print(f"[compile-check] {len(results)} compiles in {time.perf_counter() - started:.0f} s: {len(failures)} failed, "
+    print(f"[compile-check] {len(results)} configurations ({len(compiled)} compiles) in "
+          f"{time.perf_counter() - started:.0f} s: {len(failures)} failed, "
           f"{len(over)} over a target's shared memory, {len(spills)} spill over 1 KB, {len(excluded)} excluded")
     return 1 if failures or over else 0
 
