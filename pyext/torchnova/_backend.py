@@ -232,3 +232,28 @@ def may_need_backward(*tensors) -> bool:
     backend whose forward runs and whose backward then cannot.
     """
     return torch.is_grad_enabled() and any(t is not None and getattr(t, "requires_grad", False) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared memory per block: what the Triton launchers size their configurations by.
+# ---------------------------------------------------------------------------------------------------------
+
+# Opt-in shared memory per block (bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin) of the targets every Triton
+# launch configuration is compile-checked for (scripts/compile_check_triton.py, docs/triton_configs.md).
+SHARED_MEMORY_SM80 = 166_912  # A100, A30 (163 KB)
+SHARED_MEMORY_SM86 = 101_376  # RTX 30xx / A10 / A40 (sm_86), RTX 40xx / L4 / L40 (sm_89), RTX 50xx (sm_120): 99 KB
+SHARED_MEMORY_SM90 = 232_448  # H100 / H200 (227 KB)
+# The limit the launchers assume where there is no device to ask (CPU tensors under the Triton interpreter): the
+# smallest checked one, so the interpreter tests run the configurations of the consumer cards.
+DEFAULT_SHARED_MEMORY = SHARED_MEMORY_SM86
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Opt-in shared memory per block (bytes) of ``device``: ``shared_memory_per_block_optin`` of a CUDA device
+    (``device_smem_optin``), ``DEFAULT_SHARED_MEMORY`` for any other device (the Triton interpreter). Every
+    Triton launcher picks its configuration from this value, so tests patch this one function to run the
+    configuration of another card (the CUDA backends' reasons read ``device_smem_optin`` directly)."""
+    if device.type != "cuda":
+        return DEFAULT_SHARED_MEMORY
+    return device_smem_optin(device)
+

@@ -8,7 +8,7 @@ opaque path is what ``opcheck``/``torch.compile`` tests exercise on CPU.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -34,6 +34,28 @@ def define_triton_op(qualname: str, launcher: Callable) -> None:
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+class LaunchConfig(NamedTuple):
+    """One launch configuration of a tiled attention kernel, with the shared memory it needs."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+    shared: int  # bytes of shared memory per block, the most any target / mode needs (compile-checked)
+
+
+def pick_config(candidates: Sequence[LaunchConfig], shared_limit: int) -> Optional[LaunchConfig]:
+    """The first of ``candidates`` (ordered by preference) whose shared memory fits ``shared_limit`` bytes, or None.
+
+    ``shared`` is what Triton allocates for that configuration, measured by scripts/compile_check_triton.py
+    --measure (the larger of sm_86 and sm_90); the check (a CI step) fails if a configuration that a launcher can
+    pick for a target needs more than that target's limit, so a stale figure cannot go unnoticed."""
+    for config in candidates:
+        if config.shared <= shared_limit:
+            return config
+    return None
 
 
 def launch_triton(kernel, grid, *args, **kwargs) -> None:

@@ -65,6 +65,9 @@ def _triton_reasons(x, head_dim=None, **_):
             why.append(f"head dim D={head_dim} > {triton_kernels.MAX_HEAD_DIM}")
         if x.dim() == 4 and x.shape[0] * x.shape[2] > triton_kernels.MAX_BATCH_HEADS:
             why.append(f"B*H = {x.shape[0] * x.shape[2]} > {triton_kernels.MAX_BATCH_HEADS} (grid axis 1)")
+        if not why:  # launch configurations are picked by the device's shared memory per block
+            shared = triton_kernels.shared_memory_reason(head_dim, x.dtype, x.device)
+            why += [shared] if shared else []
     return why
 
 

@@ -48,11 +48,13 @@ only, so a skipped tile costs nothing there (no load, no test) and the cost foll
 ``tile_table`` returns those lists as a boolean (query tile, key tile) table (tests, benchmarks).
 
 Blocks: per kernel, padded head dim and dtype from _CONFIGS (fp16/bf16, D <= 64: forward 64 x 32, dK/dV 64 x 32,
-dQ 32 x 64 (query x key tokens), 4 warps, 3 stages), chosen so that ptxas reports no register spill within 99 KB
-of shared memory; D padded to a power of two >= 16 (tl.dot's minimum; padded columns load 0 and are never
+dQ 32 x 64 (query x key tokens), 4 warps, 3 stages), the first candidate whose shared memory fits the device's
+opt-in limit per block (fewer stages on the 99 KB cards where needed), chosen so that ptxas reports no register
+spill over 1 KB; D padded to a power of two >= 16 (tl.dot's minimum; padded columns load 0 and are never
 stored). fp32 inputs use IEEE fp32 dots (input_precision="ieee"), fp16/bf16 their tensor-core dots with fp32
-accumulation. Not autotuned and not timed: nothing here has run on a GPU yet (the kernels compile for sm_80 /
-sm_86 / sm_90 and pass the interpreter tests).
+accumulation. Not autotuned and not timed: nothing here has run on a GPU yet (every configuration compiles for
+sm_80 / sm_86 / sm_89 / sm_90 / sm_120 within its limit, scripts/compile_check_triton.py, and the kernels pass the
+interpreter tests).
 """
 
 from __future__ import annotations
@@ -62,7 +64,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._library import launch_triton, next_pow2
+from .. import _backend
+from .._backend import DEFAULT_SHARED_MEMORY
+from .._library import LaunchConfig, launch_triton, next_pow2, pick_config
 from .masks import CHANNELS, STAGES
 
 try:  # the package must import without triton (CPU-only torch builds)
@@ -79,17 +83,54 @@ __all__ = [
     "dual_channel_mix_bwd_triton", "tile_table", "BLOCK_M", "BLOCK_N", "MAX_HEAD_DIM", "MAX_BATCH_HEADS",
 ]  # fmt: skip
 
-# Launch configs: (query tile, key tile, num_warps, num_stages) per kernel, padded head dim and fp32 (IEEE dots) or
-# not. Picked without a GPU: the largest tiles for which ptxas (triton 3.8, sm_86) reports no register spill in
-# the heaviest mode (plus / window / interpolation) within the 99 KB of shared memory of an sm_86 / sm_89 block
-# (scripts/compile_check_dual_channel_triton.py). Not timed yet.
-_CONFIGS = {  # (ieee, D_PAD): (forward, dK/dV, dQ)
-    (False, 64): ((64, 32, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)),
-    (False, 128): ((64, 64, 8, 3), (32, 32, 4, 3), (64, 64, 8, 3)),
-    (False, 256): ((32, 32, 8, 3), (16, 16, 4, 3), (32, 32, 8, 3)),
-    (True, 64): ((64, 32, 8, 2), (64, 32, 8, 2), (64, 32, 8, 2)),
-    (True, 128): ((32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
-    (True, 256): ((16, 16, 4, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+def _c(block_m: int, block_n: int, num_warps: int, num_stages: int, shared: int) -> LaunchConfig:
+    return LaunchConfig(block_m, block_n, num_warps, num_stages, shared)
+
+
+# Launch configurations per (IEEE fp32 dots or not, D_PAD bucket): for each kernel (forward, dK/dV, dQ) the
+# candidates (query tile BLOCK_M, key tile BLOCK_N, num_warps, num_stages, shared bytes) in order of preference;
+# _config takes the first whose shared memory fits the device's opt-in limit per block. Picked without a GPU: the
+# first candidates are the largest tiles for which ptxas (triton 3.8, sm_86) reported no register spill in the
+# heaviest mode; where they need more than the 99 KB of an sm_86 / sm_89 / sm_120 block, the fallback drops a
+# pipeline stage (the walked k/v or q/dO tiles are the ones staged in shared memory, one buffer per stage).
+# ``shared`` is the most Triton 3.8 and 3.9 (identical here) allocate for the configuration on sm_86 and sm_90
+# (the two layouts families: mma v2 for sm_80/86/89/120, wgmma for sm_90) with every pointer 16-byte aligned and
+# every integer argument divisible by 16, as a launch on torch tensors specializes them (then loads are staged with
+# cp.async: without that specialization the figures are up to 40 % lower), in the plus / window / interpolation
+# mode (scripts/compile_check_triton.py --measure; every target and mode: docs/triton_configs.md). dK/dV owns
+# BLOCK_N keys and walks BLOCK_M queries: at fp32, D = 64 a 64-query walk spills 13-16 KB per thread on
+# sm_86/89/90/120 in the plus / full / sequential mode (issue 14's sweep), a 32-query one does not. Not timed.
+_CONFIGS = {  # (ieee, D_PAD): (forward candidates, dK/dV candidates, dQ candidates)
+    (False, 64): (
+        (_c(64, 32, 4, 3, 32768),),
+        (_c(64, 32, 4, 3, 46080),),
+        (_c(32, 64, 4, 3, 45056),),
+    ),
+    (False, 128): (
+        (_c(64, 64, 8, 3, 114688), _c(64, 64, 8, 2, 81920)),  # 3 stages: 104-112 KB
+        (_c(32, 32, 4, 3, 51712),),
+        (_c(64, 64, 8, 3, 131072), _c(64, 64, 8, 2, 98304)),  # 3 stages: 104 KB on sm_86, 128 KB on sm_90
+    ),
+    (False, 256): (
+        (_c(32, 32, 8, 3, 83968), _c(32, 32, 8, 2, 51200)),
+        (_c(16, 16, 4, 3, 49920),),
+        (_c(32, 32, 8, 3, 100352), _c(32, 32, 8, 2, 67584)),
+    ),
+    (True, 64): (
+        (_c(64, 32, 8, 2, 41216),),
+        (_c(32, 32, 8, 2, 37120),),  # a 64-query walk spills 13-16 KB in the plus / full / sequential mode
+        (_c(64, 32, 8, 2, 57344),),
+    ),
+    (True, 128): (
+        (_c(32, 64, 8, 2, 90240), _c(32, 32, 8, 2, 53248)),
+        (_c(32, 32, 8, 2, 69888),),
+        (_c(32, 32, 8, 2, 69632),),
+    ),
+    (True, 256): (
+        (_c(16, 16, 4, 2, 50240),),
+        (_c(16, 16, 4, 2, 66688),),
+        (_c(16, 16, 4, 2, 66560),),
+    ),
 }
 # Caps on the query / key tile of every kernel (module-level: tests shrink them to 16 so that tiny grids have
 # several tiles and the skip logic runs).
@@ -568,13 +609,37 @@ class _Layout:
 _FWD, _DKDV, _DQ = range(3)
 
 
-def _config(kernel: int, head_dim: int, dtype: torch.dtype) -> dict:
-    """Launch constants of one attention kernel: BLOCK_M (query tile), BLOCK_N (key tile), D_PAD, num_warps,
-    num_stages."""
+def _config(
+    kernel: int, head_dim: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY
+) -> Optional[dict]:
+    """Launch constants of one attention kernel (_FWD, _DKDV, _DQ): BLOCK_M (query tile), BLOCK_N (key tile),
+    D_PAD, num_warps, num_stages, for a device with ``shared_limit`` bytes of shared memory per block; None if no
+    candidate fits. A pure function of its arguments (and the BLOCK_M / BLOCK_N caps): the compile check calls it
+    per target."""
     d_pad = max(16, next_pow2(head_dim))
-    block_m, block_n, num_warps, num_stages = _CONFIGS[(dtype == torch.float32, max(64, d_pad))][kernel]
-    return dict(BLOCK_M=min(block_m, BLOCK_M), BLOCK_N=min(block_n, BLOCK_N), D_PAD=d_pad, num_warps=num_warps,
-                num_stages=num_stages)
+    config = pick_config(_CONFIGS[(dtype == torch.float32, max(64, d_pad))][kernel], shared_limit)
+    if config is None:
+        return None
+    return dict(BLOCK_M=min(config.block_m, BLOCK_M), BLOCK_N=min(config.block_n, BLOCK_N), D_PAD=d_pad,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def shared_memory_reason(head_dim: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the attention kernels cannot launch on ``device`` for this head dim (no configuration of some kernel
+    fits its shared memory per block), or None."""
+    limit = _backend.shared_memory_per_block(device)
+    for kernel, name in ((_FWD, "forward"), (_DKDV, "dK/dV"), (_DQ, "dQ")):
+        if _config(kernel, head_dim, dtype, limit) is None:
+            return (f"no launch configuration of the {name} kernel for head dim D={head_dim}, {dtype} fits the "
+                    f"device's {limit} bytes of shared memory per block")
+    return None
+
+
+def _launch_config(kernel: int, q: Tensor) -> dict:
+    config = _config(kernel, q.shape[-1], q.dtype, _backend.shared_memory_per_block(q.device))
+    if config is None:  # the op's reasons exclude these inputs first; a direct call gets the same message
+        raise ValueError(f"cogvideo_attention triton backend: {shared_memory_reason(q.shape[-1], q.dtype, q.device)}")
+    return config
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -613,7 +678,7 @@ def cogvideo_attention_fwd_triton(
     lse = torch.empty((B, L, H), device=q.device, dtype=torch.float32)
     if q.numel() == 0:
         return out, lse
-    config = _config(_FWD, D, q.dtype)
+    config = _launch_config(_FWD, q)
     tiles, counts, cols = layout.tile_lists(config["BLOCK_M"], config["BLOCK_N"], False, q.device)
     launch_triton(
         _cogvideo_fwd_kernel, (counts.shape[0], B * H),
@@ -638,7 +703,7 @@ def cogvideo_attention_bwd_triton(
         return dq, dk, dv
     grad_out, out = grad_out.contiguous().to(q.dtype), out.contiguous()
     lse = lse.contiguous().to(torch.float32)
-    dkdv_config, dq_config = _config(_DKDV, D, q.dtype), _config(_DQ, D, q.dtype)
+    dkdv_config, dq_config = _launch_config(_DKDV, q), _launch_config(_DQ, q)
     delta = torch.empty((B, L, H), device=q.device, dtype=torch.float32)
     launch_triton(_cogvideo_bwd_delta_kernel, (triton.cdiv(L, dq_config["BLOCK_M"]), B * H), out, grad_out, delta,
                   L, H, D, BLOCK_M=dq_config["BLOCK_M"], D_PAD=dq_config["D_PAD"])  # fmt: skip

@@ -96,6 +96,14 @@ def _triton_reasons(q, **_):
     return why
 
 
+def _triton_spatial_reasons(q, **inputs):
+    why = _triton_reasons(q, **inputs)
+    if not why:  # launch configurations are picked by the device's shared memory per block
+        shared = triton_kernels.spatial_shared_memory_reason(q.shape[-1], q.dtype, q.device)
+        why += [shared] if shared else []
+    return why
+
+
 def _triton_temporal_reasons(q, **inputs):
     why = _triton_reasons(q, **inputs)
     T = q.shape[1]
@@ -106,6 +114,9 @@ def _triton_temporal_reasons(q, **inputs):
     if -(-problems // per_program) > triton_kernels.MAX_GRID_YZ:
         why.append(f"B*S = {problems} problems per head > {triton_kernels.MAX_GRID_YZ * per_program} (grid axis 1: "
                    f"{triton_kernels.MAX_GRID_YZ} programs of {per_program} problems)")
+    if not why:  # whole T x D tiles on chip: the forward's and the backward's must fit the shared memory
+        shared = triton_kernels.temporal_shared_memory_reason(T, q.shape[-1], q.dtype, q.device)
+        why += [shared] if shared else []
     return why
 
 
@@ -117,7 +128,7 @@ def _reference_reasons(q, **_):
 # in its (slow) interpreter; on a GPU the order is cuda, triton.
 for _op, _cuda, _triton in (
     ("temporal_attention", _cuda_temporal_reasons, _triton_temporal_reasons),
-    ("spatial_attention", _cuda_spatial_reasons, _triton_reasons),
+    ("spatial_attention", _cuda_spatial_reasons, _triton_spatial_reasons),
 ):
     _backend.register(_op, "cuda", _cuda)
     _backend.register(_op, "cpp", _cpp_reasons)

@@ -16,6 +16,10 @@ dim), so dbias is deterministic. The problem count sits on grid dim 1 (up to 65,
 so 70,000+ problems per launch are fine.
 Padding: T_PAD, D_PAD >= 16 (tl.dot's minimum) and powers of two; padded rows see only their own (zero) key, so
 no row is empty and no NaN appears; padded rows and columns are never stored.
+Shared memory (temporal_config): whole tiles, so the shared memory (layout-conversion scratch) grows with
+T_PAD·D_PAD; where the forward's or the backward's tiles exceed the device's limit per block (fp32 at
+T_PAD·D_PAD >= 64·128 on the 99 KB cards, 64·256 on A100 / H100), the op's reasons exclude the triton backend
+for those inputs and ``auto`` moves on (cuda, or reference).
 
 Spatial attention: FlashAttention-2 over the S tokens of a frame.
 Layout (B, T, S, H, D); one problem per (b, t, h), a sequence over the S tokens of frame t, no mask, no bias:
@@ -32,7 +36,8 @@ Backward: two kernels, no atomics, so dq, dk, dv are bit-identical across runs (
      the query blocks (reading lse and the delta written by 1).
 Grid (spatial_grid): (row blocks, problems) while B·T·H <= 65,535, CUDA's limit on grid axes 1 and 2; above
 that the problems go to axis 0 (up to 2^31 − 1) and the row blocks to axis 1, so any B·T·H works.
-Block sizes (spatial_config): a table per kernel and D_PAD for fp16/bf16, the owned block halved for fp32, each
+Block sizes (spatial_config): per kernel, dtype class (fp32 / fp16 and bf16) and D_PAD a list of candidates,
+the first one whose shared memory fits the device's opt-in limit per block taken (_SPATIAL_CANDIDATES); each
 block shrunk to next_pow2(S) (>= 16) and capped by SPATIAL_MAX_BLOCK (tests lower it to get several query and
 key blocks on tiny inputs). Not tuned on a GPU yet.
 Padding: D_PAD = next_pow2(max(D, 16)); rows past S and columns past D load as zeros; keys past S get a −inf
@@ -51,7 +56,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._library import accumulation_dtype, launch_triton, next_pow2
+from .. import _backend
+from .._backend import DEFAULT_SHARED_MEMORY
+from .._library import LaunchConfig, accumulation_dtype, launch_triton, next_pow2, pick_config
 
 try:  # the package must import without triton (CPU-only torch builds)
     import triton
@@ -234,6 +241,73 @@ def _pads(T: int, D: int) -> tuple[int, int]:
     return max(16, next_pow2(T)), max(16, next_pow2(D))
 
 
+class TemporalConfig(NamedTuple):
+    t_pad: int
+    d_pad: int
+    num_warps: int
+    num_stages: int
+    shared: int  # bytes of shared memory per block Triton allocates (upper bound over sm_80/86/89/90/120)
+
+
+def temporal_shared_bytes(kernel: str, ieee: bool, t_pad: int, d_pad: int) -> int:
+    """Shared memory (bytes per block) of the temporal kernel ``kernel`` ("fwd" / "bwd") for T_PAD x D_PAD tiles.
+
+    The temporal kernels keep whole tiles on chip and loop over problems, not over tiles, so nothing is pipelined
+    and the shared memory is the scratch Triton allocates for the layout conversions of whole tiles (dot
+    operands, transposes): it grows with T_PAD·D_PAD and T_PAD² (the score tiles) and neither num_warps nor
+    num_stages changes it (within 0.5 KB). Fitted upper bounds of what Triton 3.8 and 3.9 allocate on sm_86 and
+    sm_90 (sm_90's wgmma operand layouts need the most for fp16/bf16 at T_PAD = 64), exact to 0.5 KB on the
+    largest tiles (fp32 backward at 64 x 256: 272 KB); the compile check compares every configuration against
+    each target's limit. Per-target figures: docs/triton_configs.md."""
+    td, tt = t_pad * d_pad, t_pad * t_pad
+    if kernel == "fwd":  # the larger of the q/k/v operand scratch and the T x T score scratch
+        return max(12 * td, 5 * tt) if ieee else max(6 * td, 4 * tt)
+    return 16 * td + 4 * tt + 16 * t_pad if ieee else 8 * td + 2 * tt + 8 * t_pad
+
+
+def temporal_config(
+    kernel: str, T: int, D: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY
+) -> Optional[TemporalConfig]:
+    """Launch configuration of the temporal kernel ``kernel`` ("fwd" / "bwd") for T frames of head dim D on a
+    device with ``shared_limit`` bytes of shared memory per block, or None when the tiles do not fit (the op's
+    reasons then exclude the triton backend for these inputs and ``auto`` moves on). A pure function of its
+    arguments: the compile check calls it per target.
+
+    Tiles are T_PAD x D_PAD, whole (see temporal_shared_bytes). num_warps grows with the tile so the fp32
+    registers per thread stay bounded: the IEEE fp32 tiles need twice the registers of fp16/bf16 ones, and the
+    backward holds about twice as many tiles as the forward (q, k, v, dO, O, P, dS and the T x T bias tiles).
+    num_stages = 1: the loop over problems has a data-dependent branch and is not pipelined anyway."""
+    t_pad, d_pad = _pads(T, D)
+    ieee = dtype == torch.float32
+    shared = temporal_shared_bytes(kernel, ieee, t_pad, d_pad)
+    if shared > shared_limit:
+        return None
+    elements = t_pad * d_pad * (2 if ieee else 1) * (2 if kernel == "bwd" else 1)
+    num_warps = 4 if elements < 4096 else 8 if elements < 16384 else 16
+    return TemporalConfig(t_pad, d_pad, num_warps, 1, shared)
+
+
+def temporal_shared_memory_reason(T: int, D: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the temporal kernels cannot launch on ``device`` for T frames of head dim D (the forward's or the
+    backward's tiles need more shared memory per block than it has), or None."""
+    limit = _backend.shared_memory_per_block(device)
+    for kernel in ("fwd", "bwd"):
+        if temporal_config(kernel, T, D, dtype, limit) is None:
+            t_pad, d_pad = _pads(T, D)
+            need = temporal_shared_bytes(kernel, dtype == torch.float32, t_pad, d_pad)
+            return (f"the temporal {'forward' if kernel == 'fwd' else 'backward'} kernel's {t_pad} x {d_pad} tiles "
+                    f"({dtype}) need {need} bytes of shared memory per block, more than the device's {limit}")
+    return None
+
+
+def _temporal_launch_config(kernel: str, q: Tensor) -> TemporalConfig:
+    T, D = q.shape[1], q.shape[4]
+    config = temporal_config(kernel, T, D, q.dtype, _backend.shared_memory_per_block(q.device))
+    if config is None:  # the op's reasons exclude these inputs first; a direct call gets the same message
+        raise ValueError(f"temporal_attention triton backend: {temporal_shared_memory_reason(T, D, q.dtype, q.device)}")
+    return config
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("temporal_attention triton backend: triton is not importable")
@@ -260,7 +334,7 @@ def temporal_attention_fwd_triton(
     lse = torch.empty((B, T, S, H), device=q.device, dtype=accumulation_dtype(q.dtype))
     if q.numel() == 0:
         return out, lse
-    T_PAD, D_PAD = _pads(T, D)
+    cfg = _temporal_launch_config("fwd", q)
     grid = (H, triton.cdiv(B * S, BLOCK_P))
     launch_triton(
         _temporal_fwd_kernel, grid,
@@ -269,7 +343,7 @@ def temporal_attention_fwd_triton(
         segment_ids if segment_ids is not None else _dummy(q.device),
         out, lse, B, T, S, H, D, scale,
         HAS_BIAS=bias is not None, HAS_SEG=segment_ids is not None, CAUSAL=causal, IEEE=q.dtype == torch.float32,
-        BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=D_PAD,
+        BLOCK_P=BLOCK_P, T_PAD=cfg.t_pad, D_PAD=cfg.d_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -297,7 +371,8 @@ def _temporal_bwd(
     if q.numel() == 0:
         dbias = torch.zeros((H, T, T) if needs_bias_grad else (0,), device=q.device, dtype=acc)
         return dqkv, dq, dk, dv, dbias
-    T_PAD, D_PAD = _pads(T, D)
+    cfg = _temporal_launch_config("bwd", q)
+    T_PAD = cfg.t_pad
     chunks = triton.cdiv(B * S, BLOCK_P)
     workspace = (
         torch.empty((H, chunks, T_PAD, T_PAD), device=q.device, dtype=torch.float32)
@@ -312,7 +387,8 @@ def _temporal_bwd(
         segment_ids if segment_ids is not None else _dummy(q.device),
         dq, dk, dv, workspace, B, T, S, H, D, scale, chunks, dq.stride(2),
         HAS_BIAS=bias is not None, BIAS_GRAD=needs_bias_grad, HAS_SEG=segment_ids is not None, CAUSAL=causal,
-        IEEE=q.dtype == torch.float32, BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=D_PAD,
+        IEEE=q.dtype == torch.float32, BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=cfg.d_pad,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if needs_bias_grad:  # the per-program partial sums, added in a fixed order: deterministic
         dbias = workspace.sum(dim=1)[:, :T, :T].to(acc).contiguous()
@@ -538,31 +614,75 @@ class SpatialConfig(NamedTuple):
     num_stages: int
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and D_PAD (<= 64, 128, 256) for fp16/bf16, written for
-# A100/H100 from the FA2 Triton tutorial's sizes with the register budget in mind (the owned tile and its fp32
-# accumulator stay in registers; the walked tiles are pipelined through shared memory); not tuned on a GPU yet.
+def _c(block_m: int, block_n: int, num_warps: int, num_stages: int, shared: int) -> LaunchConfig:
+    return LaunchConfig(block_m, block_n, num_warps, num_stages, shared)
+
+
+# Candidate launch configurations per kernel, IEEE (fp32) or not, and D_PAD bucket (<= 64, 128, 256), in order of
+# preference; spatial_config takes the first whose shared memory fits the device's opt-in limit per block.
 # fwd and dq own BLOCK_M query rows and walk BLOCK_N keys; dkdv owns BLOCK_N keys and walks BLOCK_M queries.
-_SPATIAL_CONFIGS = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dq": {64: (128, 32, 4, 3), 128: (64, 32, 8, 2), 256: (32, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 2), 256: (16, 64, 8, 2)},
+# The first candidate of each list is the A100/H100 configuration written from the FA2 Triton tutorial's sizes
+# with the register budget in mind (the owned tile and its fp32 accumulator stay in registers, the walked tiles
+# are pipelined through shared memory, one buffer per stage; fp32 owns half the rows: IEEE fp32 dots need twice
+# the registers per element). The later ones drop a pipeline stage, then halve a tile, until they fit the 99 KB of
+# sm_86 / sm_89 / sm_120. fp32, D_PAD 128 forward: 64 x 64 with 3 stages needs 176 KB and spills 25-34 KB per
+# thread (issue 14's sweep), so 64 x 32 with 2 stages (72 KB) is the only large one. ``shared`` (the last field,
+# bytes) is the most Triton 3.8 and 3.9 (identical here) allocate for the configuration on sm_86 and sm_90 (the
+# mma v2 and wgmma layout families) with 16-byte aligned pointers and integer arguments divisible by 16, as a
+# launch on torch tensors specializes them (scripts/compile_check_triton.py --measure; every target:
+# docs/triton_configs.md). Not timed on a GPU yet.
+_SPATIAL_CANDIDATES = {
+    ("fwd", False): {
+        64: (_c(128, 64, 4, 3, 65536), _c(128, 64, 4, 2, 49152), _c(64, 64, 4, 2, 40960)),
+        128: (_c(128, 64, 8, 3, 131072), _c(128, 64, 8, 2, 98304), _c(64, 64, 4, 2, 81920)),
+        256: (_c(64, 32, 8, 2, 98304), _c(32, 32, 4, 2, 51200), _c(16, 32, 4, 2, 41984)),
+    },
+    ("dq", False): {
+        64: (_c(128, 32, 4, 3, 57344), _c(128, 32, 4, 2, 49152), _c(64, 32, 4, 2, 32768)),
+        128: (_c(64, 32, 8, 2, 65536), _c(32, 32, 4, 2, 34816)),
+        256: (_c(32, 32, 8, 2, 67584), _c(16, 32, 4, 2, 50176)),
+    },
+    ("dkdv", False): {
+        64: (_c(32, 128, 8, 3, 57856), _c(32, 128, 8, 2, 49408), _c(32, 64, 4, 2, 33024)),
+        128: (_c(32, 64, 8, 2, 65792), _c(32, 32, 4, 2, 35072)),
+        256: (_c(16, 64, 8, 2, 98432), _c(16, 32, 4, 2, 50304)),
+    },
+    ("fwd", True): {
+        64: (_c(64, 64, 4, 3, 98304), _c(64, 64, 4, 2, 65536), _c(64, 32, 4, 2, 41216)),
+        128: (_c(64, 32, 8, 2, 73728), _c(32, 32, 4, 2, 53248)),
+        256: (_c(32, 32, 8, 2, 102528), _c(32, 16, 4, 2, 67712), _c(16, 16, 4, 2, 50240)),
+    },
+    ("dq", True): {
+        64: (_c(64, 32, 4, 3, 73728), _c(64, 32, 4, 2, 57344), _c(32, 32, 4, 2, 36864)),
+        128: (_c(32, 32, 8, 2, 69632), _c(32, 16, 4, 2, 51200)),
+        256: (_c(16, 32, 8, 2, 100352), _c(16, 16, 4, 2, 66560)),
+    },
+    ("dkdv", True): {
+        64: (_c(32, 64, 8, 3, 74240), _c(32, 64, 8, 2, 57600), _c(32, 32, 4, 2, 37120)),
+        128: (_c(32, 32, 8, 2, 69888), _c(16, 32, 4, 2, 51328)),
+        256: (_c(16, 32, 8, 2, 100480), _c(16, 16, 4, 2, 66688)),
+    },
 }
 
 
-def spatial_config(kernel: str, S: int, D: int, dtype: torch.dtype) -> SpatialConfig:
-    """Block sizes and launch options of a spatial kernel ("fwd", "dq" or "dkdv") for S tokens of head dim D."""
+def spatial_config(
+    kernel: str, S: int, D: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY
+) -> Optional[SpatialConfig]:
+    """Block sizes and launch options of a spatial kernel ("fwd", "dq" or "dkdv") for S tokens of head dim D on a
+    device with ``shared_limit`` bytes of shared memory per block, or None if no candidate fits. A pure function
+    of its arguments (and SPATIAL_MAX_BLOCK): the compile check calls it per target."""
     d_pad = next_pow2(max(D, 16))
-    block_m, block_n, num_warps, num_stages = _SPATIAL_CONFIGS[kernel][max(64, d_pad)]
-    if dtype == torch.float32:  # IEEE fp32 dots: twice the registers per element, half the owned tile
-        if kernel == "dkdv":
-            block_n //= 2
-        else:
-            block_m //= 2
+    config = pick_config(_SPATIAL_CANDIDATES[(kernel, dtype == torch.float32)][max(64, d_pad)], shared_limit)
+    if config is None:
+        return None
     fit = min(SPATIAL_MAX_BLOCK, max(16, next_pow2(S)))  # tl.dot needs >= 16
-    block_m, block_n = max(16, min(block_m, fit)), max(16, min(block_n, fit))
-    if block_m * block_n <= 32 * 32:  # a small tile does not need 8 warps
+    # Shrinking a tile to a short sequence only lowers the shared memory the configuration needs.
+    block_m, block_n = max(16, min(config.block_m, fit)), max(16, min(config.block_n, fit))
+    num_warps = config.num_warps
+    shrunk = (block_m, block_n) != (config.block_m, config.block_n)
+    if shrunk and block_m * block_n <= 32 * 32:  # a tile shrunk to a short sequence does not need 8 warps
         num_warps = min(num_warps, 4)
-    return SpatialConfig(block_m, block_n, d_pad, num_warps, num_stages)
+    return SpatialConfig(block_m, block_n, d_pad, num_warps, config.num_stages)
 
 
 def spatial_grid(blocks: int, problems: int) -> Tuple[Tuple[int, int], bool]:
@@ -577,6 +697,17 @@ def spatial_grid(blocks: int, problems: int) -> Tuple[Tuple[int, int], bool]:
     raise ValueError(
         f"spatial_attention triton backend: {problems} problems of {blocks} row blocks do not fit a CUDA grid"
     )
+
+
+def spatial_shared_memory_reason(D: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+    """Why the spatial kernels cannot launch on ``device`` for head dim D (no configuration of some kernel fits its
+    shared memory per block), or None."""
+    limit = _backend.shared_memory_per_block(device)
+    for kernel in ("fwd", "dq", "dkdv"):
+        if spatial_config(kernel, 16, D, dtype, limit) is None:
+            return (f"no launch configuration of the spatial {kernel} kernel for head dim D={D}, {dtype} fits the "
+                    f"device's {limit} bytes of shared memory per block")
+    return None
 
 
 def _check_spatial(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -596,7 +727,9 @@ def _launch_spatial(
     ``tensors``, T, S, H, D, then (backward only) the scale and the gradients' token stride gts, then
     scale·log2(e) and the constexprs."""
     B, T, S, H, D = q.shape
-    cfg = spatial_config(name, S, D, q.dtype)
+    cfg = spatial_config(name, S, D, q.dtype, _backend.shared_memory_per_block(q.device))
+    if cfg is None:  # the op's reasons exclude these inputs first; a direct call gets the same message
+        raise ValueError(f"spatial_attention triton backend: {spatial_shared_memory_reason(D, q.dtype, q.device)}")
     owned = cfg.block_n if name == "dkdv" else cfg.block_m
     grid, problems_on_axis0 = spatial_grid(triton.cdiv(S, owned), B * T * H)
     scales = (scale * _LOG2E,) if name == "fwd" else (scale, gts, scale * _LOG2E)
