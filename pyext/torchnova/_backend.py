@@ -256,4 +256,3 @@ def shared_memory_per_block(device: torch.device) -> int:
     if device.type != "cuda":
         return DEFAULT_SHARED_MEMORY
     return device_smem_optin(device)
-
