@@ -148,6 +148,8 @@ setup(
         "bench": ["numpy", "matplotlib", "tqdm", "nvidia-ml-py"],
         "test": ["pytest", "numpy"],
         "examples": ["scikit-learn", "matplotlib"],
+        # torchnova.integrations: the libraries whose models it patches (tested with these versions)
+        "integrations": ["diffusers==0.42.1", "timm==1.0.31", "torchvision==0.29.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -5,7 +5,7 @@ each optimizer step both EMAs update with the same decay. Parameters and floatin
 mean/var) must agree within float32 rounding (MESA uses one foreach lerp, timm ``decay*e + (1-decay)*m``: a few
 ulps apart after several steps); the teachers' outputs too. The one deliberate difference is the integer
 buffer ``num_batches_tracked`` (docs/mesa.md): MESA copies it, timm averages it in float and truncates it back
-into the int64 buffer, so timm's stays 0 with any decay > 0.5.
+into the int64 buffer, so timm's stays 0 for the first 1/(1 - decay) steps.
 """
 
 from __future__ import annotations
