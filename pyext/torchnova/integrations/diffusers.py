@@ -117,8 +117,10 @@ def _qk_norm_reason(norm, head_dim: int) -> str | None:
     """None if ``norm`` acts on each head's D-vector alone (so it may run on any view with D last), else why not."""
     if norm is None:
         return None
-    shape = getattr(norm, "normalized_shape", None)
-    if shape is not None:  # nn.LayerNorm / FP32LayerNorm / diffusers' RMSNorm: over the trailing `shape` dims
+    shape = getattr(norm, "normalized_shape", None)  # nn.LayerNorm, diffusers' FP32LayerNorm
+    if shape is None and type(norm).__name__ == "RMSNorm":  # diffusers' RMSNorm: mean of squares over dim -1
+        shape = getattr(norm, "dim", None)
+    if shape is not None:  # normalizes over the trailing `shape` dims
         if tuple(shape) == (head_dim,):
             return None
         return f"a q/k norm over {tuple(shape)} (not the head dim {head_dim})"
