@@ -118,13 +118,16 @@ ANIMATEDIFF_QUICK = {"batch": 1, "frames": 16, "height": 16, "width": 16, "chann
 
 
 def temporal_attn_benchmark() -> OpBenchmark:
-    def build(shape):
-        return motion_module(shape["channels"], shape["heads"]).transformer_blocks[0].attn1
+    def build(shape):  # patch() finds attention modules inside their transformer: patch the motion module
+        return motion_module(shape["channels"], shape["heads"])
+
+    def call(module, inputs):  # ... and time its first attention alone
+        return module.transformer_blocks[0].attn1(inputs["hidden_states"])
 
     return OpBenchmark(
         name="diffusers_temporal_attn",
         make_inputs=_module_inputs(build, _video_tokens),
-        providers=_providers(lambda module, inputs: module(inputs["hidden_states"])),
+        providers=_providers(call),
         shapes=[ANIMATEDIFF],
         quick_shapes=[ANIMATEDIFF_QUICK],
         cuda_dtypes=(torch.float32, torch.bfloat16),
