@@ -163,7 +163,7 @@ def unet3d_benchmark() -> OpBenchmark:
         make_inputs=_module_inputs(lambda shape: unet3d(), _unet_inputs),
         providers=_providers(call),
         shapes=[{"batch": 2, "frames": 16, "height": 32, "width": 32}],
-        quick_shapes=[{"batch": 1, "frames": 8, "height": 16, "width": 16}],
+        quick_shapes=[{"batch": 1, "frames": 8, "height": 8, "width": 8}],
         cuda_dtypes=(torch.float32, torch.bfloat16),
         modes=("fwd", "fwd_bwd"),
     )
