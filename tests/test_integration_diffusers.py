@@ -168,8 +168,10 @@ def test_animatediff_motion_module(dtype, frames, height, width):
     inputs = {"hidden_states": _video(2, 12, frames, height, width), "num_frames": frames}
 
     def build():  # AnimateDiff's motion module: sinusoidal position embedding, two self-attentions per block
-        return AnimateDiffTransformer3D(num_attention_heads=3, attention_head_dim=4, in_channels=12, norm_num_groups=4,
-                                        num_layers=2, positional_embeddings="sinusoidal", num_positional_embeddings=32)  # fmt: skip
+        return AnimateDiffTransformer3D(
+            num_attention_heads=3, attention_head_dim=4, in_channels=12, norm_num_groups=4, num_layers=2,
+            positional_embeddings="sinusoidal", num_positional_embeddings=32,
+        )  # fmt: skip
 
     n = check_patched_matches(build, inputs, _call_block, dtype)
     assert n == 4  # 2 layers x (attn1, attn2)
