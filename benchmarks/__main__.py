@@ -46,6 +46,10 @@ OP_MODULES = {
     "temporal_attention": "benchmarks.bench_spacetime:temporal_benchmark",
     "spatial_attention": "benchmarks.bench_spacetime:spatial_benchmark",
     "dual_channel": "benchmarks.bench_dual_channel",
+    # torchnova.integrations.diffusers (needs diffusers): patched vs diffusers' own SDPA processors
+    "diffusers_temporal_attn": "benchmarks.bench_diffusers:temporal_attn_benchmark",
+    "diffusers_motion_module": "benchmarks.bench_diffusers:motion_module_benchmark",
+    "diffusers_unet3d": "benchmarks.bench_diffusers:unet3d_benchmark",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

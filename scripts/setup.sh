@@ -27,6 +27,13 @@ PY="$VENV/bin/python"
   "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "matplotlib==3.11.2" "scikit-learn==1.9.1" \
   "codecarbon==3.3.2" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" # fail here, clearly, if the install did not work
+# torchnova.integrations' libraries (diffusers; timm for the MESA parity test), so CI runs those tests. Pure Python;
+# torch is pinned on the same line so pip never swaps it. timm needs torchvision, whose build must match torch: 0.29.1
+# goes with 2.14.1, so timm is skipped (and its test with it) for another TORCHNOVA_TORCH.
+INTEGRATIONS=("diffusers==0.42.1")
+if [ "$TORCH_VERSION" = "2.14.1" ]; then INTEGRATIONS+=("timm==1.0.31" "torchvision==0.29.1"); fi
+"$PY" -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" "${INTEGRATIONS[@]}" 2>&1 \
+  | grep -v "^WARNING: Location" || true
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
