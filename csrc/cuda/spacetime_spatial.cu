@@ -33,6 +33,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -444,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cuda(const at::Tensor& 
     dispatch_head_dim(D, [&](auto d_max) {
       auto kernel = spatial_fwd_kernel<scalar_t, decltype(d_max)::value>;
       set_dynamic_smem(op, kernel, smem_bytes, "the spatial forward kernel");
-      kernel<<<blocks, kFwdWarps * kWarpSize, smem_bytes, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(blocks, kFwdWarps * kWarpSize, smem_bytes, stream, kernel)(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           token_strides(q), token_strides(k), token_strides(v), static_cast<float>(scale), T, S, H, D, query_blocks,
           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
@@ -477,8 +479,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
   at::Tensor delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "spatial_attention_bwd_cuda", [&] {
-    spatial_delta_kernel<scalar_t><<<checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps),
-                                     kDeltaWarps * kWarpSize, 0, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps), kDeltaWarps * kWarpSize, 0, stream, spatial_delta_kernel<scalar_t>)(
         grad_out_u.const_data_ptr<scalar_t>(), out_u.const_data_ptr<scalar_t>(), token_strides(grad_out_u),
         token_strides(out_u), T, S, H, D, rows, delta.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -490,7 +491,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       const int64_t dkdv_smem = tile_bytes(2 * kBlockK + 2 * kDkDvQueryBlock, D);
       auto dkdv_kernel = spatial_dkdv_kernel<scalar_t, kDMax>;
       set_dynamic_smem(op, dkdv_kernel, dkdv_smem, "the spatial dk/dv kernel");
-      dkdv_kernel<<<checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream, dkdv_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),
@@ -502,7 +503,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       const int64_t dq_smem = tile_bytes(2 * kBlockQ + 2 * kKeyBlock, D);
       auto dq_kernel = spatial_dq_kernel<scalar_t, kDMax>;
       set_dynamic_smem(op, dq_kernel, dq_smem, "the spatial dq kernel");
-      dq_kernel<<<checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream, dq_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),

@@ -1,0 +1,584 @@
+// CUDA emulation layer, runtime: launches, the block scheduler (threads as ucontext fibers), warp collectives,
+// barriers with deadlock detection, the emulated device's properties, and the handlers of the
+// -fsanitize=alignment,bounds checks the emulated kernels are compiled with. Design: cuda_emulation.h and
+// docs/cuda_emulation.md.
+#include "emulation/cuda_emulation.h"
+
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cinttypes>
+#include <cstdio>
+#include <exception>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <unordered_map>
+#include <vector>
+
+namespace torchnova_emu {
+
+__thread uint3 tl_thread_idx = {0, 0, 0};
+__thread uint3 tl_block_idx = {0, 0, 0};
+__thread dim3 tl_block_dim;
+__thread dim3 tl_grid_dim;
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// The emulated device.
+
+DeviceProperties make_default_properties() {
+  DeviceProperties p{};
+  std::snprintf(p.name, sizeof(p.name), "torchnova CUDA emulation (sm_90 limits)");
+  p.major = 9;
+  p.minor = 0;
+  p.multiProcessorCount = 132;
+  p.sharedMemPerBlock = 48 * 1024;
+  p.sharedMemPerBlockOptin = 227 * 1024;
+  p.maxThreadsPerBlock = 1024;
+  p.warpSize = 32;
+  return p;
+}
+
+DeviceProperties g_properties = make_default_properties();
+std::mutex g_optin_mutex;
+std::unordered_map<const void*, int> g_optin_bytes;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fibers.
+
+enum class FiberState { kRunnable, kAtBarrier, kAtWarpOp, kDone };
+
+struct WarpOp {
+  WarpOpKind kind;
+  unsigned mask;
+  uint64_t bits;
+  int arg;
+  int width;
+  uint64_t result;
+};
+
+struct Fiber {
+  ucontext_t context;
+  FiberState state;
+  uint3 tid;
+  int linear;
+  WarpOp op;
+};
+
+constexpr size_t kFiberStackBytes = 256 * 1024;
+
+const char* op_name(WarpOpKind kind) {
+  switch (kind) {
+    case WarpOpKind::kShflIdx:
+      return "__shfl_sync";
+    case WarpOpKind::kShflUp:
+      return "__shfl_up_sync";
+    case WarpOpKind::kShflDown:
+      return "__shfl_down_sync";
+    case WarpOpKind::kShflXor:
+      return "__shfl_xor_sync";
+    case WarpOpKind::kBallot:
+      return "__ballot_sync";
+    case WarpOpKind::kAny:
+      return "__any_sync";
+    case WarpOpKind::kAll:
+      return "__all_sync";
+    case WarpOpKind::kSyncWarp:
+      return "__syncwarp";
+  }
+  return "?";
+}
+
+std::string format_dim(const uint3& d) {
+  std::ostringstream s;
+  s << "(" << d.x << "," << d.y << "," << d.z << ")";
+  return s.str();
+}
+std::string format_dim(const dim3& d) { return format_dim(uint3{d.x, d.y, d.z}); }
+
+// Per OS thread: the fibers of the running block (stacks reused from block to block and launch to launch).
+struct BlockRunner {
+  std::vector<Fiber> fibers;
+  std::vector<char*> stacks;  // mmap'd, lowest page PROT_NONE (a stack overflow faults instead of corrupting)
+  ucontext_t scheduler;
+  const LaunchSpec* spec = nullptr;
+  int threads = 0;
+  int current = -1;  // fiber running now, -1 in the scheduler
+  int at_barrier = 0;
+  int done = 0;
+  bool failed = false;
+  std::string error;
+
+  ~BlockRunner() {
+    for (char* stack : stacks) munmap(stack, kFiberStackBytes);
+  }
+
+  void ensure_fibers(int n) {
+    if (int(fibers.size()) < n) fibers.resize(n);
+    while (int(stacks.size()) < n) {
+      void* mem = mmap(nullptr, kFiberStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+      TORCH_CHECK(mem != MAP_FAILED, "CUDA emulation: cannot map a fiber stack");
+      mprotect(mem, size_t(getpagesize()), PROT_NONE);
+      stacks.push_back(static_cast<char*>(mem));
+    }
+  }
+
+  std::string where(int fiber) const {
+    std::ostringstream s;
+    s << "kernel " << spec->kernel_name << ", grid " << format_dim(spec->grid) << " x block "
+      << format_dim(spec->block) << ": block " << format_dim(tl_block_idx);
+    if (fiber >= 0) s << ", thread " << format_dim(fibers[fiber].tid);
+    return s.str();
+  }
+
+  std::string describe_thread(int fiber) const {
+    std::ostringstream s;
+    const Fiber& f = fibers[fiber];
+    s << "thread " << format_dim(f.tid) << " (warp " << fiber / 32 << " lane " << fiber % 32 << ")";
+    return s.str();
+  }
+
+  std::string describe_state(int fiber) const {
+    const Fiber& f = fibers[fiber];
+    switch (f.state) {
+      case FiberState::kRunnable:
+        return "is running";
+      case FiberState::kAtBarrier:
+        return "waits at __syncthreads";
+      case FiberState::kDone:
+        return "has exited";
+      case FiberState::kAtWarpOp: {
+        std::ostringstream s;
+        s << "waits at " << op_name(f.op.kind) << " with mask 0x" << std::hex << f.op.mask;
+        return s.str();
+      }
+    }
+    return "?";
+  }
+
+  // Switches from the running fiber back to the scheduler.
+  void yield() {
+    const int me = current;
+    current = -1;
+    swapcontext(&fibers[me].context, &scheduler);
+  }
+
+  void resume(int fiber) {
+    current = fiber;
+    tl_thread_idx = fibers[fiber].tid;
+    swapcontext(&scheduler, &fibers[fiber].context);
+    current = -1;
+  }
+
+  static void fiber_main();
+
+  void run_block() {
+    const dim3 b = spec->block;
+    threads = int(b.x * b.y * b.z);
+    ensure_fibers(threads);
+    at_barrier = 0;
+    done = 0;
+    failed = false;
+    error.clear();
+    for (int i = 0; i < threads; ++i) {
+      Fiber& f = fibers[i];
+      f.state = FiberState::kRunnable;
+      f.linear = i;
+      f.tid = {unsigned(i) % b.x, (unsigned(i) / b.x) % b.y, unsigned(i) / (b.x * b.y)};
+      getcontext(&f.context);
+      const size_t guard = size_t(getpagesize());
+      f.context.uc_stack.ss_sp = stacks[i] + guard;
+      f.context.uc_stack.ss_size = kFiberStackBytes - guard;
+      f.context.uc_link = &scheduler;
+      makecontext(&f.context, &BlockRunner::fiber_main, 0);
+    }
+    while (done < threads) {
+      bool ran = false;
+      for (int i = 0; i < threads && !failed; ++i) {
+        if (fibers[i].state == FiberState::kRunnable) {
+          resume(i);
+          ran = true;
+        }
+      }
+      if (failed) break;
+      if (at_barrier > 0 && at_barrier + done == threads) {
+        if (done > 0) {  // a barrier some thread of the block will never reach
+          int exited = 0;
+          while (fibers[exited].state != FiberState::kDone) ++exited;
+          fail(-1, "deadlock: " + std::to_string(at_barrier) + " of " + std::to_string(threads) +
+                       " threads wait at __syncthreads, but " + describe_thread(exited) +
+                       " exited without reaching it (every thread of the block must reach every __syncthreads)");
+          break;
+        }
+        at_barrier = 0;
+        for (int i = 0; i < threads; ++i) fibers[i].state = FiberState::kRunnable;
+        continue;
+      }
+      if (!ran && done < threads) {
+        diagnose_deadlock();
+        break;
+      }
+    }
+  }
+
+  void fail(int fiber, const std::string& what) {
+    if (failed) return;
+    failed = true;
+    error = "CUDA emulation: " + where(fiber) + ": " + what;
+  }
+
+  // No fiber can run and the block is not finished: find a warp collective that waits for a lane that cannot
+  // come (exited, or waiting at __syncthreads or another collective).
+  void diagnose_deadlock() {
+    for (int i = 0; i < threads; ++i) {
+      const Fiber& f = fibers[i];
+      if (f.state != FiberState::kAtWarpOp) continue;
+      const int warp_base = i & ~31;
+      for (int lane = 0; lane < 32; ++lane) {
+        if (!((f.op.mask >> lane) & 1)) continue;
+        const int other = warp_base + lane;
+        if (other >= threads || fibers[other].state != FiberState::kAtWarpOp || fibers[other].op.kind != f.op.kind) {
+          std::ostringstream s;
+          s << "deadlock: " << op_name(f.op.kind) << " with mask 0x" << std::hex << f.op.mask << std::dec
+            << " waits for lane " << lane << ", but "
+            << (other >= threads ? "that lane does not exist in this block"
+                                 : describe_thread(other) + " " + describe_state(other));
+          fail(i, s.str());
+          return;
+        }
+      }
+    }
+    fail(-1, "deadlock: no thread can proceed (" + std::to_string(at_barrier) + " at __syncthreads, " +
+                 std::to_string(done) + " exited)");
+  }
+
+  // Called by the fiber arriving at a collective (state kAtWarpOp already set). Completes it when every lane of
+  // the mask is there; throws when the mask names a lane that cannot take part.
+  void try_complete(int me) {
+    const Fiber& self = fibers[me];
+    const unsigned mask = self.op.mask;
+    const int warp_base = me & ~31;
+    for (int lane = 0; lane < 32; ++lane) {
+      if (!((mask >> lane) & 1)) continue;
+      const int other = warp_base + lane;
+      if (other >= threads) {
+        std::ostringstream s;
+        s << op_name(self.op.kind) << " mask 0x" << std::hex << mask << std::dec << " names lane " << lane
+          << ", which does not exist (the block has " << threads << " threads)";
+        device_error(s.str());
+      }
+      const Fiber& f = fibers[other];
+      if (f.state == FiberState::kRunnable) return;  // not there yet
+      if (f.state == FiberState::kAtWarpOp && f.op.kind == self.op.kind && f.op.mask == mask) continue;
+      std::ostringstream s;
+      s << op_name(self.op.kind) << " mask 0x" << std::hex << mask << std::dec << " names lane " << lane << ", but "
+        << describe_thread(other) << " " << describe_state(other);
+      device_error(s.str());
+    }
+    // Everyone is here: compute every lane's result.
+    uint64_t vote = 0;
+    bool all = true;
+    for (int lane = 0; lane < 32; ++lane) {
+      if (!((mask >> lane) & 1)) continue;
+      const bool p = fibers[warp_base + lane].op.bits != 0;
+      vote |= uint64_t(p) << lane;
+      all = all && p;
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      if (!((mask >> lane) & 1)) continue;
+      Fiber& f = fibers[warp_base + lane];
+      const int width = f.op.width;
+      const int segment = lane & ~(width - 1);
+      int src = lane;
+      switch (f.op.kind) {
+        case WarpOpKind::kShflIdx:
+          src = segment + (f.op.arg & (width - 1));
+          break;
+        case WarpOpKind::kShflUp:
+          src = lane - f.op.arg >= segment ? lane - f.op.arg : lane;
+          break;
+        case WarpOpKind::kShflDown:
+          src = lane + f.op.arg < segment + width ? lane + f.op.arg : lane;
+          break;
+        case WarpOpKind::kShflXor:
+          src = lane ^ f.op.arg;
+          if (src < segment || src >= segment + width) src = lane;
+          break;
+        default:
+          break;
+      }
+      switch (f.op.kind) {
+        case WarpOpKind::kShflIdx:
+        case WarpOpKind::kShflUp:
+        case WarpOpKind::kShflDown:
+        case WarpOpKind::kShflXor:
+          if (!((mask >> src) & 1)) {
+            std::ostringstream s;
+            s << op_name(f.op.kind) << ": lane " << lane << " reads lane " << src << ", which is not in the mask 0x"
+              << std::hex << mask << " (undefined value on a GPU)";
+            device_error(s.str());
+          }
+          f.op.result = fibers[warp_base + src].op.bits;
+          break;
+        case WarpOpKind::kBallot:
+          f.op.result = vote;
+          break;
+        case WarpOpKind::kAny:
+          f.op.result = vote != 0;
+          break;
+        case WarpOpKind::kAll:
+          f.op.result = all;
+          break;
+        case WarpOpKind::kSyncWarp:
+          f.op.result = 0;
+          break;
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      if ((mask >> lane) & 1) fibers[warp_base + lane].state = FiberState::kRunnable;
+    }
+  }
+};
+
+thread_local BlockRunner tl_runner;
+
+void BlockRunner::fiber_main() {
+  BlockRunner& r = tl_runner;
+  const int me = r.current;
+  try {
+    r.spec->body(r.spec->ctx);
+  } catch (const c10::Error& e) {
+    r.failed = true;
+    r.error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    r.failed = true;
+    r.error = e.what();
+  }
+  r.fibers[me].state = FiberState::kDone;
+  ++r.done;
+  r.current = -1;
+  // returns to uc_link = the scheduler
+}
+
+bool in_fiber() { return tl_runner.spec != nullptr && tl_runner.current >= 0; }
+
+void check_launch(const LaunchSpec& spec) {
+  const dim3 g = spec.grid, b = spec.block;
+  const std::string name = spec.kernel_name;
+  TORCH_CHECK(g.x > 0 && g.y > 0 && g.z > 0 && b.x > 0 && b.y > 0 && b.z > 0,
+              "CUDA emulation: kernel ", name, " launched with an empty configuration, grid ", format_dim(g),
+              " block ", format_dim(b), " (a GPU fails with cudaErrorInvalidConfiguration)");
+  TORCH_CHECK(g.x <= 2147483647u && g.y <= 65535u && g.z <= 65535u, "CUDA emulation: kernel ", name, ": grid ",
+              format_dim(g), " exceeds the limits (2^31-1, 65535, 65535)");
+  TORCH_CHECK(uint64_t(b.x) * b.y * b.z <= 1024 && b.z <= 64, "CUDA emulation: kernel ", name, ": block ",
+              format_dim(b), " exceeds 1024 threads (or 64 in z)");
+  const size_t smem = spec.dynamic_smem_bytes;
+  if (smem > g_properties.sharedMemPerBlock) {
+    int optin = 0;
+    {
+      std::lock_guard<std::mutex> lock(g_optin_mutex);
+      auto it = g_optin_bytes.find(spec.kernel_address);
+      if (it != g_optin_bytes.end()) optin = it->second;
+    }
+    TORCH_CHECK(smem <= size_t(optin), "CUDA emulation: kernel ", name, " launched with ", smem,
+                " bytes of dynamic shared memory, above the default 48 KiB, but cudaFuncSetAttribute("
+                "MaxDynamicSharedMemorySize) allowed only ",
+                optin, " bytes for this kernel (a GPU fails the launch)");
+  }
+  TORCH_CHECK(smem <= g_properties.sharedMemPerBlockOptin, "CUDA emulation: kernel ", name, " launched with ", smem,
+              " bytes of dynamic shared memory; the emulated device allows ", g_properties.sharedMemPerBlockOptin);
+  TORCH_CHECK(smem + 256 <= spec.dynamic_smem_capacity, "CUDA emulation: internal: dynamic shared buffer too small");
+}
+
+constexpr size_t kCanaryBytes = 256;
+
+}  // namespace
+
+const DeviceProperties* device_properties() { return &g_properties; }
+
+void set_device_limits(int multiprocessors, size_t smem_optin_bytes) {
+  g_properties.multiProcessorCount = multiprocessors;
+  g_properties.sharedMemPerBlockOptin = smem_optin_bytes;
+}
+
+void set_max_dynamic_smem(const void* kernel_address, int bytes) {
+  TORCH_CHECK(bytes >= 0 && size_t(bytes) <= g_properties.sharedMemPerBlockOptin,
+              "CUDA emulation: cudaFuncSetAttribute(MaxDynamicSharedMemorySize, ", bytes,
+              ") exceeds the device's opt-in limit ", g_properties.sharedMemPerBlockOptin,
+              " (a GPU returns cudaErrorInvalidValue)");
+  std::lock_guard<std::mutex> lock(g_optin_mutex);
+  g_optin_bytes[kernel_address] = bytes;
+}
+
+[[noreturn]] void device_error(const std::string& what) {
+  BlockRunner& r = tl_runner;
+  if (in_fiber()) throw std::runtime_error("CUDA emulation: " + r.where(r.current) + ": " + what);
+  TORCH_CHECK(false, "CUDA emulation: ", what);
+}
+
+uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t bits, int arg, int width) {
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(in_fiber(), "CUDA emulation: ", op_name(kind), " called outside a kernel");
+  const int me = r.current;
+  const int lane = me & 31;
+  if (!((mask >> lane) & 1)) {
+    std::ostringstream s;
+    s << op_name(kind) << " mask 0x" << std::hex << mask << std::dec << " does not include the calling lane " << lane;
+    device_error(s.str());
+  }
+  if (width < 1 || width > 32 || (width & (width - 1)) != 0) {
+    device_error(std::string(op_name(kind)) + ": width must be a power of two in 1..32, got " + std::to_string(width));
+  }
+  Fiber& f = r.fibers[me];
+  f.op = {kind, mask, bits, arg, width, 0};
+  f.state = FiberState::kAtWarpOp;
+  r.try_complete(me);
+  if (f.state == FiberState::kAtWarpOp) r.yield();
+  return r.fibers[me].op.result;
+}
+
+void block_barrier() {
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(in_fiber(), "CUDA emulation: __syncthreads called outside a kernel");
+  r.fibers[r.current].state = FiberState::kAtBarrier;
+  ++r.at_barrier;
+  r.yield();
+}
+
+void launch(const LaunchSpec& spec) {
+  check_launch(spec);
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(r.spec == nullptr, "CUDA emulation: kernel ", spec.kernel_name, " launched from inside a kernel");
+  r.spec = &spec;
+  tl_block_dim = spec.block;
+  tl_grid_dim = spec.grid;
+  char* smem = static_cast<char*>(spec.dynamic_smem_base());
+  std::string error;
+  for (unsigned z = 0; z < spec.grid.z && error.empty(); ++z) {
+    for (unsigned y = 0; y < spec.grid.y && error.empty(); ++y) {
+      for (unsigned x = 0; x < spec.grid.x && error.empty(); ++x) {
+        tl_block_idx = {x, y, z};
+        // Unwritten shared memory reads as NaN (0xFF bytes) in every float format; the canary past the end
+        // catches writes beyond the launch's dynamic size.
+        std::memset(smem, 0xFF, spec.dynamic_smem_bytes + kCanaryBytes);
+        r.run_block();
+        if (r.failed) {
+          error = r.error;
+          break;
+        }
+        for (size_t i = 0; i < kCanaryBytes; ++i) {
+          if (static_cast<unsigned char>(smem[spec.dynamic_smem_bytes + i]) != 0xFF) {
+            error = "CUDA emulation: " + r.where(-1) + ": dynamic shared memory written past its end (" +
+                    std::to_string(spec.dynamic_smem_bytes) + " bytes requested at launch, byte " +
+                    std::to_string(spec.dynamic_smem_bytes + i) + " changed)";
+            break;
+          }
+        }
+      }
+    }
+  }
+  r.spec = nullptr;
+  r.current = -1;
+  tl_thread_idx = {0, 0, 0};
+  TORCH_CHECK(error.empty(), error);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Registration of the emulated host functions (cuda_emulation.h, TORCH_LIBRARY_IMPL).
+
+torch::Library& SuffixedImpl::library() {
+  static torch::Library* lib =
+      new torch::Library(torch::Library::IMPL, "torchnova", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  return *lib;
+}
+
+}  // namespace torchnova_emu
+
+// ---------------------------------------------------------------------------------------------------------------
+// -fsanitize=alignment,bounds handlers. The emulated kernels are compiled with these checks (setup.py); GCC calls
+// these functions on a misaligned access (e.g. a 16-byte vector load from an address that is not 16-byte
+// aligned) or an out-of-bounds index into an array of known size (static __shared__ arrays, register arrays).
+// Defined here instead of linking libubsan, so that a check failing inside a kernel becomes an error naming the
+// kernel, block, thread and source line rather than a message on stderr.
+namespace {
+struct SourceLocation {
+  const char* file;
+  uint32_t line;
+  uint32_t column;
+};
+struct TypeDescriptor {
+  uint16_t kind;
+  uint16_t info;
+  char name[1];
+};
+struct TypeMismatchData {
+  SourceLocation location;
+  const TypeDescriptor* type;
+  unsigned char log_alignment;
+  unsigned char type_check_kind;
+};
+struct OutOfBoundsData {
+  SourceLocation location;
+  const TypeDescriptor* array_type;
+  const TypeDescriptor* index_type;
+};
+
+std::string at_source(const SourceLocation& loc) {
+  return std::string(loc.file ? loc.file : "?") + ":" + std::to_string(loc.line) + ":" + std::to_string(loc.column);
+}
+
+[[noreturn]] void type_mismatch(TypeMismatchData* data, uintptr_t pointer) {
+  static const char* const kKinds[] = {"load of",         "store to",        "reference binding to", "member access within",
+                                       "member call on",  "constructor call on", "downcast of",     "downcast of",
+                                       "upcast of",       "cast to virtual base of", "_Nonnull binding to",
+                                       "dynamic operation on"};
+  const char* kind = data->type_check_kind < sizeof(kKinds) / sizeof(kKinds[0]) ? kKinds[data->type_check_kind]
+                                                                                  : "access to";
+  std::ostringstream s;
+  if (pointer == 0) {
+    s << kind << " a null pointer of type " << data->type->name;
+  } else {
+    s << "misaligned " << kind << " address 0x" << std::hex << pointer << std::dec << " of type " << data->type->name
+      << ", which needs " << (1u << data->log_alignment) << "-byte alignment";
+  }
+  s << " at " << at_source(data->location);
+  torchnova_emu::device_error(s.str());
+}
+
+[[noreturn]] void out_of_bounds(OutOfBoundsData* data, uintptr_t index) {
+  std::ostringstream s;
+  const TypeDescriptor* it = data->index_type;
+  const bool is_signed = it->kind == 0 && (it->info & 1);
+  const unsigned bits = it->kind == 0 ? 1u << (it->info >> 1) : 64;
+  s << "index ";
+  if (bits <= 64) {
+    if (is_signed) {
+      int64_t v = int64_t(index);
+      if (bits < 64) v = int64_t(uint64_t(index) << (64 - bits)) >> (64 - bits);
+      s << v;
+    } else {
+      s << uint64_t(index);
+    }
+  }
+  s << " out of bounds for type " << data->array_type->name << " at " << at_source(data->location);
+  torchnova_emu::device_error(s.str());
+}
+}  // namespace
+
+#define TORCHNOVA_UBSAN_HANDLER extern "C" __attribute__((visibility("hidden"), noinline))
+TORCHNOVA_UBSAN_HANDLER void __ubsan_handle_type_mismatch_v1(TypeMismatchData* data, uintptr_t pointer) {
+  type_mismatch(data, pointer);
+}
+TORCHNOVA_UBSAN_HANDLER void __ubsan_handle_type_mismatch_v1_abort(TypeMismatchData* data, uintptr_t pointer) {
+  type_mismatch(data, pointer);
+}
+TORCHNOVA_UBSAN_HANDLER void __ubsan_handle_out_of_bounds(OutOfBoundsData* data, uintptr_t index) {
+  out_of_bounds(data, index);
+}
+TORCHNOVA_UBSAN_HANDLER void __ubsan_handle_out_of_bounds_abort(OutOfBoundsData* data, uintptr_t index) {
+  out_of_bounds(data, index);
+}
