@@ -146,7 +146,7 @@ def cuda_emulation_extension(cpp_extension, debug: bool):
     vector loads and indices into fixed-size arrays (static shared memory, register arrays), reported by the
     layer's own handlers (no libubsan needed)."""
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "emulation", "*.cpp")))]
-    flags = (["-O0", "-g"] if debug else ["-O1"]) + [
+    flags = (["-O0", "-g"] if debug else ["-O1", "-g0"]) + [
         "-std=c++20",
         "-fsanitize=alignment,bounds",
         "-fno-sanitize-recover=all",

@@ -35,7 +35,10 @@ def _check(fn, inputs, dtype, what, tensor_kwargs=None, **kwargs):
     names = list(tensor_kwargs)
     tensors = list(inputs) + [tensor_kwargs[n] for n in names]
     with testing.cuda_emulation():
-        out = fn(*inputs, backend="cuda", **tensor_kwargs, **kwargs)
+        # Contiguous inputs are copied inside the context, where every allocation ends at a guard page, so reads
+        # past their end fault (strided views keep their storage: their strides are the point of those tests).
+        guarded = [x.clone() if x.is_contiguous() else x for x in tensors]
+        out = fn(*guarded[: len(inputs)], backend="cuda", **dict(zip(names, guarded[len(inputs) :])), **kwargs)
     upstream = torch.randn(out.shape, dtype=torch.float64)
     out.backward(upstream.to(out.dtype))
     ref_tensors = [x.detach().double().requires_grad_(x.requires_grad) for x in tensors]
@@ -97,6 +100,18 @@ def test_misaligned_16_byte_load_is_an_error():
         _emu()._test_vector_load(1)
 
 
+def test_out_of_bounds_global_access_is_an_error():
+    x = torch.arange(32.0)
+    with testing.cuda_emulation():
+        guarded = x.clone()  # allocated inside: ends at a guard page
+        assert torch.equal(_emu()._test_shifted_copy(guarded, 0), x)
+        with pytest.raises(RuntimeError, match=r"thread \(31,0,0\): invalid memory access at address"):
+            _emu()._test_shifted_copy(guarded, 1)
+        with pytest.raises(RuntimeError, match=r"thread \(28,0,0\): invalid memory access"):
+            _emu()._test_shifted_copy(guarded, 4)
+    assert torch.equal(_emu()._test_shifted_copy(x, 0), x)  # the layer still works after the faults
+
+
 def test_dynamic_shared_memory_overflow_and_unwritten_reads():
     with pytest.raises(RuntimeError, match=r"dynamic shared memory written past its end \(128 bytes"):
         _emu()._test_dynamic_smem_overflow(32)
@@ -141,6 +156,13 @@ def test_mesa_kl(dtype, rows, cols):
     z = (3 * torch.randn(rows, cols)).to(dtype).requires_grad_()
     t = (3 * torch.randn(rows, cols)).to(dtype)
     _check(torchnova.mesa_kl, [z, t], dtype, f"mesa_kl {rows}x{cols}", temperature=2.0, reduction="none")
+
+
+def test_mesa_kl_several_chunks():
+    """Scalar path (strided columns) with C > 8 x 1024: two chunks per row, the second re-read by the gradient."""
+    z = torch.randn(9001, 2).t().requires_grad_()
+    t = torch.randn(9001, 2).t()
+    _check(torchnova.mesa_kl, [z, t], torch.float32, "mesa_kl 2 chunks", temperature=3.0, reduction="none")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -295,3 +317,14 @@ def test_reruns_are_bit_identical():
 
     for fn in (temporal, spatial, mesa, mix):
         _run_twice(fn)
+
+
+def test_temporal_bias_gradient_deterministic_mode():
+    q, k, v = (torch.randn(1, 7, 3, 2, 8).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, 7, 7, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _check(torchnova.temporal_attention, [q, k, v], torch.float32, "temporal deterministic", {"bias": bias})
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -4,6 +4,8 @@
 // docs/cuda_emulation.md.
 #include "emulation/cuda_emulation.h"
 
+#include <c10/core/CPUAllocator.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -436,6 +438,107 @@ void BlockRunner::fiber_main() {
 
 bool in_fiber() { return tl_runner.spec != nullptr && tl_runner.current >= 0; }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Memory faults inside a kernel (an access to a guard page of the guarded allocator below, or any other invalid
+// address) become a launch error naming the kernel, block, thread and address: the SIGSEGV handler redirects the
+// faulting fiber to fault_landing, which ends it and returns to the scheduler.
+__thread uintptr_t tl_fault_address = 0;
+__thread bool tl_altstack_ready = false;
+struct sigaction g_previous_segv;
+std::once_flag g_segv_once;
+
+[[noreturn]] void fault_landing() {
+  BlockRunner& r = tl_runner;
+  const int me = r.current;
+  std::ostringstream s;
+  s << "invalid memory access at address 0x" << std::hex << tl_fault_address << std::dec
+    << " (past the end of a tensor allocated inside cuda_emulation(), which puts a guard page after every tensor, "
+       "or any other invalid address)";
+  r.fail(me, s.str());
+  r.fibers[me].state = FiberState::kDone;
+  ++r.done;
+  r.current = -1;
+  context_switch(r.fibers[me].context, r.scheduler);  // never resumed
+  std::abort();
+}
+
+void segv_handler(int sig, siginfo_t* info, void* raw_context) {
+  BlockRunner& r = tl_runner;
+#if defined(__x86_64__)
+  if (r.spec != nullptr && r.current >= 0) {
+    auto* uc = static_cast<ucontext_t*>(raw_context);
+    tl_fault_address = reinterpret_cast<uintptr_t>(info->si_addr);
+    // Continue in fault_landing on the fiber's own stack (below the red zone, ABI-aligned as after a call).
+    const uintptr_t sp = (uintptr_t(uc->uc_mcontext.gregs[REG_RSP]) - 512) & ~uintptr_t(15);
+    uc->uc_mcontext.gregs[REG_RSP] = greg_t(sp - 8);
+    uc->uc_mcontext.gregs[REG_RIP] = greg_t(reinterpret_cast<uintptr_t>(&fault_landing));
+    return;
+  }
+#endif
+  // Not ours: the previous disposition handles it (re-raised on return).
+  sigaction(SIGSEGV, &g_previous_segv, nullptr);
+  (void)sig;
+}
+
+void install_fault_handler() {
+  if (!tl_altstack_ready) {  // the handler must run even when a fiber overflowed its stack
+    static thread_local std::vector<char> altstack(64 * 1024);
+    stack_t ss{};
+    ss.ss_sp = altstack.data();
+    ss.ss_size = altstack.size();
+    sigaltstack(&ss, nullptr);
+    tl_altstack_ready = true;
+  }
+  struct sigaction current {};
+  sigaction(SIGSEGV, nullptr, &current);
+  if (current.sa_sigaction == &segv_handler) return;
+  struct sigaction action {};
+  action.sa_sigaction = &segv_handler;
+  action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGSEGV, &action, &g_previous_segv);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Guarded CPU allocator (enabled inside cuda_emulation()): every tensor ends 0..15 bytes before a PROT_NONE page,
+// so a kernel reading or writing past its end (beyond the 16-byte alignment slack) faults at once. (Before the
+// start is caught only past the page boundary below the data: a tensor cannot end and start on a page boundary.) The data start stays 16-byte aligned, so the kernels
+// take the same vectorised paths as with the default allocator.
+class GuardedAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    const size_t page = size_t(getpagesize());
+    const size_t rounded = (bytes + 15) & ~size_t(15);
+    const size_t data_pages = (rounded + page - 1) / page;
+    const size_t total = (data_pages + 2) * page;
+    void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "CUDA emulation: guarded allocation of ", bytes, " bytes failed");
+    char* low_guard = static_cast<char*>(base);
+    char* high_guard = low_guard + (data_pages + 1) * page;
+    mprotect(low_guard, page, PROT_NONE);
+    mprotect(high_guard, page, PROT_NONE);
+    char* data = high_guard - rounded;
+    auto* region = new Region{base, total};
+    return {data, region, &GuardedAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
+
+ private:
+  struct Region {
+    void* base;
+    size_t bytes;
+  };
+  static void release(void* raw) {
+    auto* region = static_cast<Region*>(raw);
+    munmap(region->base, region->bytes);
+    delete region;
+  }
+};
+
+GuardedAllocator g_guarded_allocator;
+c10::Allocator* g_saved_allocator = nullptr;
+
 void check_launch(const LaunchSpec& spec) {
   const dim3 g = spec.grid, b = spec.block;
   const std::string name = spec.kernel_name;
@@ -519,8 +622,21 @@ void block_barrier() {
   r.yield();
 }
 
+void set_guarded_allocation(bool enabled) {
+  if (enabled) {
+    if (g_saved_allocator != nullptr) return;
+    g_saved_allocator = c10::GetCPUAllocator();
+    c10::SetCPUAllocator(&g_guarded_allocator, /*priority=*/255);
+  } else {
+    if (g_saved_allocator == nullptr) return;
+    c10::SetCPUAllocator(g_saved_allocator, /*priority=*/255);
+    g_saved_allocator = nullptr;
+  }
+}
+
 void launch(const LaunchSpec& spec) {
   check_launch(spec);
+  install_fault_handler();
   BlockRunner& r = tl_runner;
   TORCH_CHECK(r.spec == nullptr, "CUDA emulation: kernel ", spec.kernel_name, " launched from inside a kernel");
   r.spec = &spec;

@@ -152,9 +152,10 @@ struct Launcher {
   }
 };
 
-template <typename... Params>
+// The stream is accepted and ignored: launches run synchronously, in order.
+template <typename... Params, typename Stream>
 Launcher<Params...> make_launcher(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                                  void* (*smem_base)(), size_t smem_capacity) {
+                                  const Stream& /*stream*/, void* (*smem_base)(), size_t smem_capacity) {
   return {name, kernel, grid, block, smem, smem_base, smem_capacity};
 }
 
@@ -192,7 +193,7 @@ To bit_cast(From from) {
 #define TORCHNOVA_EMU_STR(x) TORCHNOVA_EMU_STR_(x)
 #define TORCHNOVA_LAUNCH_KERNEL(grid, block, smem_bytes, stream, ...)                                            \
   ::torchnova_emu::make_launcher(#__VA_ARGS__ " (launched at " __FILE__ ":" TORCHNOVA_EMU_STR(__LINE__) ")",       \
-                                 __VA_ARGS__, dim3(grid), dim3(block), size_t(smem_bytes),         \
+                                 __VA_ARGS__, dim3(grid), dim3(block), size_t(smem_bytes), stream,                \
                                  &torchnova_emu_dynamic_smem, kTorchnovaEmuDynamicSmemBytes)
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 
 namespace torchnova_emu {
 void set_device_limits(int multiprocessors, size_t smem_optin_bytes);
+void set_guarded_allocation(bool enabled);
 namespace testing {
 void bind(pybind11::module& module);
 }
@@ -129,6 +130,9 @@ PYBIND11_MODULE(_C_cuda_emu, module) {
         torchnova_emu::set_device_limits(multiprocessors, size_t(smem_optin_bytes));
       },
       pybind11::arg("multiprocessors"), pybind11::arg("smem_optin_bytes"));
+  module.def("set_guarded_allocation", &torchnova_emu::set_guarded_allocation, pybind11::arg("enabled"),
+             "CPU tensors allocated while enabled end at a guard page (out-of-bounds kernel accesses fault, and the "
+             "launch reports them)");
   module.def("device_limits", []() {
     const auto* p = at::cuda::getCurrentDeviceProperties();
     pybind11::dict d;

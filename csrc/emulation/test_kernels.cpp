@@ -72,6 +72,20 @@ __global__ void dynamic_smem_unwritten_kernel(float* __restrict__ out) {
   out[threadIdx.x] = smem[threadIdx.x];
 }
 
+// Thread i copies in[i + offset]: past the end of `in` for offset > 0 (a read into the guard page when `in` was
+// allocated inside cuda_emulation()).
+__global__ void shifted_copy_kernel(const float* __restrict__ in, float* __restrict__ out, int offset) {
+  out[threadIdx.x] = in[int(threadIdx.x) + offset];
+}
+
+at::Tensor shifted_copy(const at::Tensor& in, int64_t offset) {
+  TORCH_CHECK(in.scalar_type() == at::kFloat && in.is_contiguous() && in.dim() == 1, "float32 1-D contiguous input");
+  at::Tensor out = at::zeros_like(in);
+  TORCHNOVA_LAUNCH_KERNEL(1, in.numel(), 0, nullptr, shifted_copy_kernel)(in.data_ptr<float>(), out.data_ptr<float>(),
+                                                                         int(offset));
+  return out;
+}
+
 at::Tensor warp_collectives(int64_t threads, int64_t width) {
   at::Tensor out = at::zeros({threads, 6}, at::kInt);
   TORCHNOVA_LAUNCH_KERNEL(1, threads, 0, nullptr, warp_collectives_kernel)(out.data_ptr<int>(), int(width));
@@ -138,6 +152,7 @@ void bind(pybind11::module& module) {
   module.def("_test_dynamic_smem_overflow", &dynamic_smem_overflow);
   module.def("_test_dynamic_smem_unwritten", &dynamic_smem_unwritten);
   module.def("_test_launch_config", &launch_config);
+  module.def("_test_shifted_copy", &shifted_copy);
 }
 }  // namespace testing
 }  // namespace torchnova_emu

@@ -23,6 +23,9 @@ BUILD_HINT = (
 )
 
 
+_DEPTH = 0  # nesting depth of cuda_emulation()
+
+
 def cuda_emulation_available() -> bool:
     """Whether the emulation layer is built (torchnova._C_cuda_emu imports)."""
     return _ext.HAS_CUDA_EMULATION
@@ -32,13 +35,22 @@ def cuda_emulation_available() -> bool:
 def cuda_emulation() -> Iterator[None]:
     """Inside: ``backend="cuda"`` runs the CUDA kernels on CPU tensors through the emulation layer.
 
-    Raises RuntimeError when the layer is not built, saying how to build it.
+    CPU tensors allocated inside the context (kernel outputs included) end at a guard page, so an out-of-bounds
+    read or write of a kernel is reported as an error naming the kernel, block and thread. Raises RuntimeError
+    when the layer is not built, saying how to build it.
     """
     if not _ext.HAS_CUDA_EMULATION:
         detail = f" ({_ext.CUDA_EMULATION_IMPORT_ERROR})" if _ext.CUDA_EMULATION_IMPORT_ERROR else ""
         raise RuntimeError(BUILD_HINT + detail)
+    global _DEPTH
     token = _backend.CUDA_EMULATION_ACTIVE.set(True)
+    if _DEPTH == 0:  # tensors allocated inside end at a guard page: out-of-bounds kernel accesses are reported
+        _ext._C_cuda_emu.set_guarded_allocation(True)
+    _DEPTH += 1
     try:
         yield
     finally:
+        _DEPTH -= 1
+        if _DEPTH == 0:
+            _ext._C_cuda_emu.set_guarded_allocation(False)
         _backend.CUDA_EMULATION_ACTIVE.reset(token)
