@@ -150,6 +150,7 @@ def cuda_emulation_extension(cpp_extension, debug: bool):
         "-std=c++20",
         "-fsanitize=alignment,bounds",
         "-fno-sanitize-recover=all",
+        "-Wno-unknown-pragmas",  # the kernels' #pragma unroll
         "-DTORCH_API_INCLUDE_EXTENSION_H",
         "-DTORCHNOVA_CUDA_EMULATION=1",
     ]
