@@ -735,7 +735,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
       const int64_t delta_blocks = (rows + rows_per_block - 1) / rows_per_block;
       TORCH_CHECK(delta_blocks <= std::numeric_limits<int32_t>::max(), op, ": B * L * H = ", rows,
                   " rows exceed one launch's grid.x");
-      TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream, cogvideo_attention_delta_kernel<scalar_t>)(
+      TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream,
+                              cogvideo_attention_delta_kernel<scalar_t>)(
           go.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(), strides_of(go), args.shape,
           delta.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -203,7 +203,8 @@ at::Tensor dual_channel_mix_fwd_cuda(const at::Tensor& o_base, const at::Tensor&
     auto launch = [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
       const int64_t packets = y.numel() / kVec;
-      TORCHNOVA_LAUNCH_KERNEL(elementwise_blocks(packets), kElementwiseThreads, 0, stream, dual_channel_mix_fwd_kernel<scalar_t, kVec>)(
+      TORCHNOVA_LAUNCH_KERNEL(elementwise_blocks(packets), kElementwiseThreads, 0, stream,
+                              dual_channel_mix_fwd_kernel<scalar_t, kVec>)(
           base.const_data_ptr<scalar_t>(), plus.const_data_ptr<scalar_t>(), logit.const_data_ptr<acc_t>(), packets,
           hidden, seq_len, text_len, y.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -253,7 +254,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_channel_mix_bwd_cuda(const a
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o_base.scalar_type(), "dual_channel_mix_bwd_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
-    TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(chunks * channel_tiles), kChannelsPerBlock * kRowLanes, 0, stream, dual_channel_mix_bwd_kernel<scalar_t>)(
+    TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(chunks * channel_tiles), kChannelsPerBlock * kRowLanes, 0, stream,
+                            dual_channel_mix_bwd_kernel<scalar_t>)(
             grad.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), plus.const_data_ptr<scalar_t>(),
             logit.const_data_ptr<acc_t>(), rows, hidden, seq_len, text_len, rows_per_chunk, channel_tiles,
             d_base.mutable_data_ptr<scalar_t>(), d_plus.mutable_data_ptr<scalar_t>(),

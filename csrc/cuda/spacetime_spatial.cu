@@ -479,7 +479,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
   at::Tensor delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "spatial_attention_bwd_cuda", [&] {
-    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps), kDeltaWarps * kWarpSize, 0, stream, spatial_delta_kernel<scalar_t>)(
+    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps), kDeltaWarps * kWarpSize, 0,
+                            stream, spatial_delta_kernel<scalar_t>)(
         grad_out_u.const_data_ptr<scalar_t>(), out_u.const_data_ptr<scalar_t>(), token_strides(grad_out_u),
         token_strides(out_u), T, S, H, D, rows, delta.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -491,7 +492,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       const int64_t dkdv_smem = tile_bytes(2 * kBlockK + 2 * kDkDvQueryBlock, D);
       auto dkdv_kernel = spatial_dkdv_kernel<scalar_t, kDMax>;
       set_dynamic_smem(op, dkdv_kernel, dkdv_smem, "the spatial dk/dv kernel");
-      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream, dkdv_kernel)(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream,
+                              dkdv_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),
@@ -503,7 +505,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       const int64_t dq_smem = tile_bytes(2 * kBlockQ + 2 * kKeyBlock, D);
       auto dq_kernel = spatial_dq_kernel<scalar_t, kDMax>;
       set_dynamic_smem(op, dq_kernel, dq_smem, "the spatial dq kernel");
-      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream, dq_kernel)(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream,
+                              dq_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),

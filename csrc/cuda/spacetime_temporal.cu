@@ -432,7 +432,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   });
   if (needs_bias_grad) {
     const int64_t head_elems = int64_t(a.H) * a.T * a.T;
-    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (head_elems + kReduceThreads - 1) / kReduceThreads), kReduceThreads, 0, stream, temporal_dbias_reduce_kernel)(partial.const_data_ptr<float>(), chunks_per_head,
+    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (head_elems + kReduceThreads - 1) / kReduceThreads), kReduceThreads, 0,
+                            stream, temporal_dbias_reduce_kernel)(partial.const_data_ptr<float>(), chunks_per_head,
                                                                 head_elems, dbias.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

@@ -501,9 +501,10 @@ void install_fault_handler() {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Guarded CPU allocator (enabled inside cuda_emulation()): every tensor ends 0..15 bytes before a PROT_NONE page,
-// so a kernel reading or writing past its end (beyond the 16-byte alignment slack) faults at once. (Before the
-// start is caught only past the page boundary below the data: a tensor cannot end and start on a page boundary.) The data start stays 16-byte aligned, so the kernels
-// take the same vectorised paths as with the default allocator.
+// so a kernel reading or writing past its end (beyond the 16-byte alignment slack) faults at once. Before the
+// start is caught only past the page boundary below the data (a buffer cannot end and start on a page boundary).
+// The data start stays 16-byte aligned, so the kernels take the same vectorised paths as with the default
+// allocator.
 class GuardedAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
@@ -718,10 +719,12 @@ std::string at_source(const SourceLocation& loc) {
 }
 
 [[noreturn]] void type_mismatch(TypeMismatchData* data, uintptr_t pointer) {
-  static const char* const kKinds[] = {"load of",         "store to",        "reference binding to", "member access within",
-                                       "member call on",  "constructor call on", "downcast of",     "downcast of",
-                                       "upcast of",       "cast to virtual base of", "_Nonnull binding to",
-                                       "dynamic operation on"};
+  static const char* const kKinds[] = {"load of",          "store to",
+                                       "reference binding to", "member access within",
+                                       "member call on",   "constructor call on",
+                                       "downcast of",      "downcast of",
+                                       "upcast of",        "cast to virtual base of",
+                                       "_Nonnull binding to", "dynamic operation on"};
   const char* kind = data->type_check_kind < sizeof(kKinds) / sizeof(kKinds[0]) ? kKinds[data->type_check_kind]
                                                                                   : "access to";
   std::ostringstream s;
