@@ -8,6 +8,9 @@ CUDA_HOME is set. Environment:
   MAX_JOBS                   parallel compile jobs (default: from cores and RAM, ~3 GB per nvcc job)
   NVCC_THREADS               nvcc --threads per job (default 2)
   DEBUG=1                    -O0 -g -lineinfo
+  TORCHNOVA_CUDA_EMULATION=1 also build torchnova._C_cuda_emu, the test-only CUDA emulation layer: the CUDA kernels
+                             compiled with g++ as host C++ (csrc/emulation, docs/cuda_emulation.md), for
+                             torchnova.testing.cuda_emulation(). Needs no CUDA toolkit. Not for user installs.
 """
 
 from __future__ import annotations
@@ -129,8 +132,35 @@ def extensions_and_cmdclass():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=extra_link,
         )
+    exts = [ext]
+    if os.environ.get("TORCHNOVA_CUDA_EMULATION", "0") == "1":
+        exts.append(cuda_emulation_extension(cpp_extension, debug))
     cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return [ext], cmdclass
+    return exts, cmdclass
+
+
+def cuda_emulation_extension(cpp_extension, debug: bool):
+    """torchnova._C_cuda_emu: csrc/cuda/*.cu compiled by g++ through csrc/emulation/emu_*.cpp (each includes one .cu
+    after the emulation header), with the shim headers (csrc/emulation/shim) standing in for the CUDA ones.
+    -O1 keeps the compile short (the kernels run on tiny test shapes); -fsanitize=alignment,bounds checks 16-byte
+    vector loads and indices into fixed-size arrays (static shared memory, register arrays), reported by the
+    layer's own handlers (no libubsan needed)."""
+    sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "emulation", "*.cpp")))]
+    flags = (["-O0", "-g"] if debug else ["-O1", "-g0"]) + [
+        "-std=c++20",
+        "-fsanitize=alignment,bounds",
+        "-fno-sanitize-recover=all",
+        "-Wno-unknown-pragmas",  # the kernels' #pragma unroll
+        "-DTORCH_API_INCLUDE_EXTENSION_H",
+        "-DTORCHNOVA_CUDA_EMULATION=1",
+    ]
+    log("building the CUDA emulation layer torchnova._C_cuda_emu (TORCHNOVA_CUDA_EMULATION=1; test-only)")
+    return cpp_extension.CppExtension(
+        name="torchnova._C_cuda_emu",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc", "emulation", "shim"), os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": flags},
+    )
 
 
 ext_modules, cmdclass = extensions_and_cmdclass()

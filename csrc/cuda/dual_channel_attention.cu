@@ -35,6 +35,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -686,7 +688,7 @@ std::tuple<at::Tensor, at::Tensor> cogvideo_attention_fwd_cuda(
         auto kernel = cogvideo_attention_fwd_kernel<scalar_t, kHeadDimMax>;
         prepare_smem(op, kernel, T::kFwdSmemBytes);
         const unsigned blocks = tile_blocks(op, args.shape, T::kBlock);
-        kernel<<<blocks, T::kThreads, T::kFwdSmemBytes, stream>>>(
+        TORCHNOVA_LAUNCH_KERNEL(blocks, T::kThreads, T::kFwdSmemBytes, stream, kernel)(
             q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), strides_of(q),
             strides_of(k), strides_of(v), vectorized, pad, args.layout, args.shape, out.mutable_data_ptr<scalar_t>(),
             lse.mutable_data_ptr<float>());
@@ -739,7 +741,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
       const int64_t delta_blocks = (rows + rows_per_block - 1) / rows_per_block;
       TORCH_CHECK(delta_blocks <= std::numeric_limits<int32_t>::max(), op, ": B * L * H = ", rows,
                   " rows exceed one launch's grid.x");
-      cogvideo_attention_delta_kernel<scalar_t><<<static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(delta_blocks), kDeltaThreads, 0, stream,
+                              cogvideo_attention_delta_kernel<scalar_t>)(
           go.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(), strides_of(go), args.shape,
           delta.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -749,7 +752,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
         const unsigned blocks = tile_blocks(op, args.shape, T::kBlock);
         auto dkdv_kernel = cogvideo_attention_bwd_dkdv_kernel<scalar_t, kHeadDimMax>;
         prepare_smem(op, dkdv_kernel, T::kBwdSmemBytes);
-        dkdv_kernel<<<blocks, T::kThreads, T::kBwdSmemBytes, stream>>>(
+        TORCHNOVA_LAUNCH_KERNEL(blocks, T::kThreads, T::kBwdSmemBytes, stream, dkdv_kernel)(
             go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
             v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized,
             lse_c.const_data_ptr<float>(),
@@ -758,7 +761,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         auto dq_kernel = cogvideo_attention_bwd_dq_kernel<scalar_t, kHeadDimMax>;
         prepare_smem(op, dq_kernel, T::kBwdSmemBytes);
-        dq_kernel<<<blocks, T::kThreads, T::kBwdSmemBytes, stream>>>(
+        TORCHNOVA_LAUNCH_KERNEL(blocks, T::kThreads, T::kBwdSmemBytes, stream, dq_kernel)(
             go.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
             v.const_data_ptr<scalar_t>(), strides_of(go), strides_of(q), strides_of(k), strides_of(v), vectorized,
             lse_c.const_data_ptr<float>(),

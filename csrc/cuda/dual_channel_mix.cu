@@ -23,6 +23,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -201,7 +203,8 @@ at::Tensor dual_channel_mix_fwd_cuda(const at::Tensor& o_base, const at::Tensor&
     auto launch = [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
       const int64_t packets = y.numel() / kVec;
-      dual_channel_mix_fwd_kernel<scalar_t, kVec><<<elementwise_blocks(packets), kElementwiseThreads, 0, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(elementwise_blocks(packets), kElementwiseThreads, 0, stream,
+                              dual_channel_mix_fwd_kernel<scalar_t, kVec>)(
           base.const_data_ptr<scalar_t>(), plus.const_data_ptr<scalar_t>(), logit.const_data_ptr<acc_t>(), packets,
           hidden, seq_len, text_len, y.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -251,15 +254,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dual_channel_mix_bwd_cuda(const a
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o_base.scalar_type(), "dual_channel_mix_bwd_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
-    dual_channel_mix_bwd_kernel<scalar_t>
-        <<<static_cast<unsigned>(chunks * channel_tiles), kChannelsPerBlock * kRowLanes, 0, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(chunks * channel_tiles), kChannelsPerBlock * kRowLanes, 0, stream,
+                            dual_channel_mix_bwd_kernel<scalar_t>)(
             grad.const_data_ptr<scalar_t>(), base.const_data_ptr<scalar_t>(), plus.const_data_ptr<scalar_t>(),
             logit.const_data_ptr<acc_t>(), rows, hidden, seq_len, text_len, rows_per_chunk, channel_tiles,
             d_base.mutable_data_ptr<scalar_t>(), d_plus.mutable_data_ptr<scalar_t>(),
             alpha_partials.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const unsigned reduce_blocks = static_cast<unsigned>((hidden + kElementwiseThreads - 1) / kElementwiseThreads);
-    dual_channel_mix_alpha_grad_kernel<acc_t><<<reduce_blocks, kElementwiseThreads, 0, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(reduce_blocks, kElementwiseThreads, 0, stream, dual_channel_mix_alpha_grad_kernel<acc_t>)(
         alpha_partials.const_data_ptr<acc_t>(), logit.const_data_ptr<acc_t>(), chunks, hidden,
         d_alpha_logit.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

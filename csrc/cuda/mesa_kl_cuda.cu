@@ -40,6 +40,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -538,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mesa_kl_fwd_cuda(const at::Tensor
     auto launch = [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
       const LaunchConfig config = plan_launch(rows, cols, kVec, kPacketsPerThread<scalar_t, kVec>);
-      mesa_kl_fwd_kernel<scalar_t, kVec><<<config.blocks, config.threads_per_block, 0, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(config.blocks, config.threads_per_block, 0, stream, mesa_kl_fwd_kernel<scalar_t, kVec>)(
           student.const_data_ptr<scalar_t>(), teacher.const_data_ptr<scalar_t>(), student.stride(0),
           student.stride(1), teacher.stride(0), teacher.stride(1), rows, cols, config.tiling, tau, inv_tau,
           loss_rows.mutable_data_ptr<acc_t>(), lse.mutable_data_ptr<acc_t>(),
@@ -585,7 +587,7 @@ at::Tensor mesa_kl_bwd_cuda(const at::Tensor& grad_rows, const at::Tensor& stude
     auto launch = [&](auto vec_tag) {
       constexpr int kVec = decltype(vec_tag)::value;
       const LaunchConfig config = plan_launch(rows, cols, kVec, kPacketsPerThread<scalar_t, kVec>);
-      mesa_kl_bwd_kernel<scalar_t, kVec><<<config.blocks, config.threads_per_block, 0, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(config.blocks, config.threads_per_block, 0, stream, mesa_kl_bwd_kernel<scalar_t, kVec>)(
           grad_rows_c.const_data_ptr<acc_t>(), student.const_data_ptr<scalar_t>(),
           teacher.const_data_ptr<scalar_t>(), student.stride(0), student.stride(1), teacher.stride(0),
           teacher.stride(1), lse_c.const_data_ptr<acc_t>(), rows, cols, config.tiling, tau, inv_tau,

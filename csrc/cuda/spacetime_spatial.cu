@@ -33,6 +33,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -450,7 +452,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cuda(const at::Tensor& 
       auto kernel = spatial_fwd_kernel<scalar_t, kDMax>;
       cuda_smem::prepare_launch(op, kernel, smem_bytes, smem_plan::spatial_fwd_bytes(kDMax),
                                 "the spatial forward kernel");
-      kernel<<<blocks, kFwdWarps * kWarpSize, smem_bytes, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(blocks, kFwdWarps * kWarpSize, smem_bytes, stream, kernel)(
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
           token_strides(q), token_strides(k), token_strides(v), static_cast<float>(scale), T, S, H, D, query_blocks,
           out.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<float>());
@@ -483,8 +485,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
   at::Tensor delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "spatial_attention_bwd_cuda", [&] {
-    spatial_delta_kernel<scalar_t><<<checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps),
-                                     kDeltaWarps * kWarpSize, 0, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (rows + kDeltaWarps - 1) / kDeltaWarps), kDeltaWarps * kWarpSize, 0,
+                            stream, spatial_delta_kernel<scalar_t>)(
         grad_out_u.const_data_ptr<scalar_t>(), out_u.const_data_ptr<scalar_t>(), token_strides(grad_out_u),
         token_strides(out_u), T, S, H, D, rows, delta.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -497,7 +499,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       auto dkdv_kernel = spatial_dkdv_kernel<scalar_t, kDMax>;
       cuda_smem::prepare_launch(op, dkdv_kernel, dkdv_smem, smem_plan::spatial_dkdv_bytes(kDMax),
                                 "the spatial dk/dv kernel");
-      dkdv_kernel<<<checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * key_blocks), kDkDvWarps * kWarpSize, dkdv_smem, stream,
+                              dkdv_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),
@@ -509,7 +512,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
       const int64_t dq_smem = smem_plan::spatial_dq_bytes(D);
       auto dq_kernel = spatial_dq_kernel<scalar_t, kDMax>;
       cuda_smem::prepare_launch(op, dq_kernel, dq_smem, smem_plan::spatial_dq_bytes(kDMax), "the spatial dq kernel");
-      dq_kernel<<<checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream>>>(
+      TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, problems * query_blocks), kDqWarps * kWarpSize, dq_smem, stream,
+                              dq_kernel)(
           grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k),
           token_strides(v), lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(), static_cast<float>(scale),

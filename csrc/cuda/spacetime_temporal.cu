@@ -35,6 +35,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_launch.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -371,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cuda(const at::Tensor&
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_fwd_cuda", [&] {
     auto kernel = temporal_fwd_kernel<scalar_t>;
     cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxForwardSmemBytes, "the temporal forward kernel");
-    kernel<<<blocks, warps * kWarpSize, smem_bytes, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(blocks, warps * kWarpSize, smem_bytes, stream, kernel)(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), token_strides(q),
         token_strides(k), token_strides(v), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
         segment_ids.has_value() ? segment_ids->const_data_ptr<int64_t>() : nullptr, causal,
@@ -424,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_bwd_cuda", [&] {
     auto kernel = temporal_bwd_kernel<scalar_t>;
     cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxBackwardSmemBytes, "the temporal backward kernel");
-    kernel<<<blocks, warps * kWarpSize, smem_bytes, stream>>>(
+    TORCHNOVA_LAUNCH_KERNEL(blocks, warps * kWarpSize, smem_bytes, stream, kernel)(
         grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k), token_strides(v),
         lse_c.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
@@ -436,8 +438,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   });
   if (needs_bias_grad) {
     const int64_t head_elems = int64_t(a.H) * a.T * a.T;
-    temporal_dbias_reduce_kernel<<<checked_grid(op, (head_elems + kReduceThreads - 1) / kReduceThreads),
-                                   kReduceThreads, 0, stream>>>(partial.const_data_ptr<float>(), chunks_per_head,
+    TORCHNOVA_LAUNCH_KERNEL(checked_grid(op, (head_elems + kReduceThreads - 1) / kReduceThreads), kReduceThreads, 0,
+                            stream, temporal_dbias_reduce_kernel)(partial.const_data_ptr<float>(), chunks_per_head,
                                                                 head_elems, dbias.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }

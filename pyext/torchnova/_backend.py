@@ -16,6 +16,7 @@ Selection never calls ``.item()``, never syncs and never logs, so it is safe und
 
 from __future__ import annotations
 
+import contextvars
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -108,11 +109,15 @@ def select(op: str, requested: str | None, **inputs) -> str:
     if requested == "auto":
         by_name = {b.name: b for b in _REGISTRY[op]}
         all_reasons = {}
-        for name in auto_order(op, **inputs)[0]:
-            why = by_name[name].reasons(**inputs)
-            if not why:
-                return name
-            all_reasons[name] = why
+        token = _AUTO_SELECTING.set(True)  # "auto" never picks the CUDA emulation (cuda_device_reasons)
+        try:
+            for name in auto_order(op, **inputs)[0]:
+                why = by_name[name].reasons(**inputs)
+                if not why:
+                    return name
+                all_reasons[name] = why
+        finally:
+            _AUTO_SELECTING.reset(token)
         raise ValueError(_no_backend_message(op, "auto", all_reasons, inputs))
     why = reasons(op, requested, **inputs)
     if why:
@@ -154,6 +159,37 @@ def extension_reasons(need_cuda: bool = False) -> list[str]:
     if need_cuda and not _ext.HAS_CUDA_KERNELS:
         return ["the torchnova C++ extension was built without CUDA kernels (rebuild with FORCE_CUDA=1 or a GPU)"]
     return []
+
+
+# Inside torchnova.testing.cuda_emulation(): backend="cuda" runs the CUDA kernels on CPU tensors through the
+# emulation layer (the ops torch.ops.torchnova.<op>_cuda_emu). "auto" never picks it.
+CUDA_EMULATION_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("torchnova_cuda_emulation", default=False)
+_AUTO_SELECTING: contextvars.ContextVar[bool] = contextvars.ContextVar("torchnova_auto_selecting", default=False)
+
+
+def cuda_emulated(device: torch.device) -> bool:
+    """Whether backend="cuda" runs these (CPU) inputs through the CUDA emulation layer."""
+    return device.type == "cpu" and CUDA_EMULATION_ACTIVE.get() and not _AUTO_SELECTING.get()
+
+
+def cuda_device_reasons(device: torch.device) -> list[str]:
+    """The cuda backend's extension and device reasons: CUDA kernels built and a CUDA tensor, or, inside
+    torchnova.testing.cuda_emulation() with backend="cuda" named, a CPU tensor and the emulation layer built."""
+    from . import _ext
+
+    if cuda_emulated(device):
+        if not _ext.HAS_CUDA_EMULATION:
+            return [f"the CUDA emulation layer is not built ({_ext.CUDA_EMULATION_IMPORT_ERROR})"]
+        return []
+    why = extension_reasons(need_cuda=True) + device_reasons(device, ("cuda",))
+    if device.type == "cpu" and CUDA_EMULATION_ACTIVE.get():
+        why.append("backend='auto' never picks the CUDA emulation layer (name backend='cuda')")
+    return why
+
+
+def cuda_op_suffix(device: torch.device) -> str:
+    """Suffix of the op the cuda backend calls: "_cuda_emu" for the emulated kernels, else ""."""
+    return "_cuda_emu" if device.type == "cpu" else ""
 
 
 def triton_reasons(device: torch.device) -> list[str]:

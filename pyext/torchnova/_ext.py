@@ -25,6 +25,19 @@ try:
 except ImportError as exc:  # not built, or built against another torch
     CPP_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
+# The CUDA emulation layer (test-only, built with TORCHNOVA_CUDA_EMULATION=1): the CUDA kernels compiled for the
+# CPU, as the ops torch.ops.torchnova.<op>_cuda_emu, used only inside torchnova.testing.cuda_emulation().
+HAS_CUDA_EMULATION = False
+CUDA_EMULATION_IMPORT_ERROR = "torchnova._C is not available" if not HAS_CPP else ""
+if HAS_CPP:
+    try:
+        from . import _C_cuda_emu  # type: ignore[attr-defined]
+
+        _C_cuda_emu.register_ops()
+        HAS_CUDA_EMULATION = True
+    except ImportError as exc:
+        CUDA_EMULATION_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HAS_TRITON = False
 TRITON_IMPORT_ERROR = ""

@@ -54,6 +54,11 @@ def report() -> str:
         lines.append(f"CPU kernels: {_ext._C.cpu_isa()} copy running (this CPU runs: {', '.join(_ext._C.cpu_isas())})")
     else:
         lines.append(f"extension torchnova._C: NOT available ({_ext.CPP_IMPORT_ERROR})")
+    if _ext.HAS_CUDA_EMULATION:
+        lines.append("CUDA emulation layer (torchnova.testing.cuda_emulation): built (torchnova._C_cuda_emu)")
+    else:
+        lines.append("CUDA emulation layer (torchnova.testing.cuda_emulation): not built "
+                     "(test-only; build with TORCHNOVA_CUDA_EMULATION=1)")
     lines.append("")
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -41,8 +41,7 @@ def _cpp_reasons(x, head_dim=None, **_):
 
 def _cuda_reasons(x, head_dim=None, **_):
     why = (
-        _backend.extension_reasons(need_cuda=True)
-        + _backend.device_reasons(x.device, ("cuda",))
+        _backend.cuda_device_reasons(x.device)
         + _backend.dtype_reasons(x.dtype, _CUDA_DTYPES)
     )
     if head_dim is not None and head_dim > CUDA_MAX_HEAD_DIM:
@@ -157,6 +156,9 @@ def _register_pair(suffix: str) -> None:
 
 if _ext.HAS_CPP:
     _register_pair("")
+
+if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation)
+    _register_pair("_cuda_emu")
 
 if triton_kernels.HAS_TRITON:
     define_triton_op("torchnova::cogvideo_attention_fwd_triton", triton_kernels.cogvideo_attention_fwd_triton)
@@ -288,6 +290,8 @@ def cogvideo_attention(
     mask = text_pad_mask.contiguous() if text_pad_mask is not None else None
     ops = torch.ops.torchnova
     fwd = ops.cogvideo_attention_fwd_triton if chosen == "triton" else ops.cogvideo_attention_fwd
+    if chosen == "cuda":
+        fwd = getattr(ops, "cogvideo_attention_fwd" + _backend.cuda_op_suffix(q.device))
     out, _ = fwd.default(q, k, v, mask, *args)
     return out
 
@@ -324,4 +328,6 @@ def dual_channel_mix(
         return dual_channel_mix_ref(o_base, o_plus, alpha_logit, text_len)
     ops = torch.ops.torchnova
     fwd = ops.dual_channel_mix_fwd_triton if chosen == "triton" else ops.dual_channel_mix_fwd
+    if chosen == "cuda":
+        fwd = getattr(ops, "dual_channel_mix_fwd" + _backend.cuda_op_suffix(o_base.device))
     return fwd.default(o_base, o_plus, alpha_logit, text_len)

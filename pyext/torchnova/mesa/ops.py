@@ -56,8 +56,7 @@ def _cuda_reasons(student_logits, teacher_logits=None, **_):
     # sm_80+ like the other ops: the extension is built for sm_80 and up (setup.py), so an older GPU (V100, T4)
     # has no kernel image and must fall back to triton/reference instead of failing at launch.
     return (
-        _backend.extension_reasons(need_cuda=True)
-        + _backend.device_reasons(student_logits.device, ("cuda",))
+        _backend.cuda_device_reasons(student_logits.device)
         + _backend.dtype_reasons(student_logits.dtype, _FLOAT_DTYPES)
         + _backend.compute_capability_reasons(student_logits.device, (8, 0))
     )
@@ -136,15 +135,20 @@ def _register(fwd_name: str, bwd_name: str) -> None:
 if _ext.HAS_CPP:
     _register("torchnova::mesa_kl_fwd", "torchnova::mesa_kl_bwd")
 
+if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation)
+    _register("torchnova::mesa_kl_fwd_cuda_emu", "torchnova::mesa_kl_bwd_cuda_emu")
+
 if triton_kernels.HAS_TRITON:
     define_triton_op("torchnova::mesa_kl_fwd_triton", triton_kernels.mesa_kl_fwd_triton)
     define_triton_op("torchnova::mesa_kl_bwd_triton", triton_kernels.mesa_kl_bwd_triton)
     _register("torchnova::mesa_kl_fwd_triton", "torchnova::mesa_kl_bwd_triton")
 
 
-def _fwd_op(backend: str):
+def _fwd_op(backend: str, device: torch.device):
     if backend == "triton":
         return torch.ops.torchnova.mesa_kl_fwd_triton.default
+    if backend == "cuda":
+        return getattr(torch.ops.torchnova, "mesa_kl_fwd" + _backend.cuda_op_suffix(device)).default
     return torch.ops.torchnova.mesa_kl_fwd.default
 
 
@@ -243,7 +247,7 @@ def mesa_kl(
         with_grad = (
             _STASH_GRAD_IN_FORWARD[chosen] and student_logits.requires_grad and torch.is_grad_enabled()
         )
-        loss_rows, _, _ = _fwd_op(chosen)(student_2d, teacher_2d.detach(), temperature, with_grad)
+        loss_rows, _, _ = _fwd_op(chosen, student_2d.device)(student_2d, teacher_2d.detach(), temperature, with_grad)
     return _reduce(loss_rows, mask, reduction, lead, classes)
 
 

@@ -52,8 +52,7 @@ def _cpp_reasons(q, **_):
 
 
 def _cuda_reasons(q, **_):
-    why = _backend.extension_reasons(need_cuda=True) + _backend.device_reasons(q.device, ("cuda",))
-    why += _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
+    why = _backend.cuda_device_reasons(q.device) + _backend.dtype_reasons(q.dtype, _CUDA_DTYPES)
     if q.shape[-1] > CUDA_MAX_HEAD_DIM:
         why.append(f"head dim D={q.shape[-1]} > {CUDA_MAX_HEAD_DIM}")
     return why + _backend.compute_capability_reasons(q.device, (8, 0))
@@ -290,6 +289,10 @@ if _ext.HAS_CPP:
     for _op in _FWD_BWD_REGISTRATION:
         _register(_op)
 
+if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation)
+    for _op in _FWD_BWD_REGISTRATION:
+        _register(_op, "_cuda_emu")
+
 if triton_kernels.HAS_TRITON:
     for _op in _FWD_BWD_REGISTRATION:
         for _half in ("fwd", "bwd"):
@@ -426,7 +429,7 @@ def _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, backend, op):
     acc = accumulation_dtype(q.dtype)
     bias_acc = bias.to(acc).contiguous() if bias is not None else None
     segments = segment_ids.to(torch.int64).contiguous() if segment_ids is not None else None
-    suffix = "_triton" if name == "triton" else ""
+    suffix = "_triton" if name == "triton" else _backend.cuda_op_suffix(q.device) if name == "cuda" else ""
     if qkv is not None:
         fwd = getattr(torch.ops.torchnova, f"temporal_attention_qkvpacked_fwd{suffix}")
         out, _ = fwd(_last_dim_contiguous(qkv), bias_acc, segments, causal, scale)
@@ -470,7 +473,7 @@ def _spatial(q, k, v, qkv, scale, backend, op):
     name = _backend.select("spatial_attention", backend, q=q, k=k, v=v)
     if name == "reference":
         return spatial_attention_ref(q, k, v, scale=scale)
-    suffix = "_triton" if name == "triton" else ""
+    suffix = "_triton" if name == "triton" else _backend.cuda_op_suffix(q.device) if name == "cuda" else ""
     if qkv is not None:
         fwd = getattr(torch.ops.torchnova, f"spatial_attention_qkvpacked_fwd{suffix}")
         out, _ = fwd(_last_dim_contiguous(qkv), scale)

@@ -1,0 +1,145 @@
+// torchnova._C_cuda_emu: the CUDA kernels of csrc/cuda compiled as host C++ against the emulation layer
+// (cuda_emulation.h), registered as the CPU kernels of torchnova::<op>_cuda_emu. Test-only: built with
+// TORCHNOVA_CUDA_EMULATION=1 (setup.py); used by torchnova.testing.cuda_emulation().
+//
+// register_ops() (called from Python after torchnova._C is loaded) defines the schemas of the _cuda_emu ops as
+// copies of the real ops' schemas, so they can never drift apart, and the qkv-packed ops, which on a GPU run
+// the unpacked CUDA kernels on views (csrc/spacetime_ops.cpp), do the same here with the emulated ones.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <sstream>
+#include <string>
+#include <tuple>
+
+#include "spacetime_qkvpacked.h"
+// After the torch and pybind11 headers: its keyword macros must not touch them.
+#include "emulation/cuda_emulation.h"
+
+namespace torchnova_emu {
+void set_device_limits(int multiprocessors, size_t smem_optin_bytes);
+void set_guarded_allocation(bool enabled);
+namespace testing {
+void bind(pybind11::module& module);
+}
+}  // namespace torchnova_emu
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr const char* kEmulatedOps[] = {
+    "mesa_kl_fwd",           "mesa_kl_bwd",           "temporal_attention_fwd",
+    "temporal_attention_bwd", "spatial_attention_fwd", "spatial_attention_bwd",
+    "temporal_attention_qkvpacked_fwd", "temporal_attention_qkvpacked_bwd", "spatial_attention_qkvpacked_fwd",
+    "spatial_attention_qkvpacked_bwd",  "cogvideo_attention_fwd",           "cogvideo_attention_bwd",
+    "dual_channel_mix_fwd",             "dual_channel_mix_bwd"};
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> emu_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_fwd(const at::Tensor& qkv, const OptTensor& bias,
+                                                          const OptTensor& segment_ids, bool causal, double scale) {
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_fwd", qkv);
+  static const auto fwd = emu_op<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double)>(
+      "torchnova::temporal_attention_fwd_cuda_emu");
+  return fwd.call(q, k, v, bias, segment_ids, causal, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                          const at::Tensor& out, const at::Tensor& lse,
+                                                          const OptTensor& bias, const OptTensor& segment_ids,
+                                                          bool causal, double scale, bool needs_bias_grad,
+                                                          bool deterministic) {
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
+  static const auto bwd = emu_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, bool)>(
+      "torchnova::temporal_attention_bwd_cuda_emu");
+  auto [dq, dk, dv, dbias] =
+      bwd.call(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, deterministic);
+  return {at::stack({dq, dk, dv}, 3), dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_qkvpacked_fwd(const at::Tensor& qkv, double scale) {
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_fwd", qkv);
+  static const auto fwd = emu_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                     const at::Tensor&, double)>(
+      "torchnova::spatial_attention_fwd_cuda_emu");
+  return fwd.call(q, k, v, scale);
+}
+
+at::Tensor spatial_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                 const at::Tensor& lse, double scale) {
+  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
+  static const auto bwd = emu_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, double)>("torchnova::spatial_attention_bwd_cuda_emu");
+  auto [dq, dk, dv] = bwd.call(grad_out, q, k, v, out, lse, scale);
+  return at::stack({dq, dk, dv}, 3);
+}
+
+// Idempotent: defines torchnova::<op>_cuda_emu for every op with the real op's schema.
+void register_ops() {
+  static bool done = false;
+  if (done) return;
+  auto* defs = new torch::Library(torch::Library::FRAGMENT, "torchnova", std::nullopt, __FILE__, __LINE__);
+  for (const char* name : kEmulatedOps) {
+    const std::string real = std::string("torchnova::") + name;
+    auto handle = c10::Dispatcher::singleton().findSchema({real, ""});
+    TORCH_CHECK(handle.has_value(), "CUDA emulation: the op ", real,
+                " is not registered; import torchnova._C before torchnova._C_cuda_emu");
+    std::ostringstream schema;
+    schema << handle->schema();
+    std::string text = schema.str();
+    const std::string prefix = real + "(";
+    TORCH_CHECK(text.rfind(prefix, 0) == 0, "CUDA emulation: unexpected schema ", text);
+    text = std::string(name) + "_cuda_emu(" + text.substr(prefix.size());
+    defs->def(text.c_str());
+  }
+  auto* impls = new torch::Library(torch::Library::IMPL, "torchnova", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  impls->impl("temporal_attention_qkvpacked_fwd_cuda_emu", &temporal_qkvpacked_fwd);
+  impls->impl("temporal_attention_qkvpacked_bwd_cuda_emu", &temporal_qkvpacked_bwd);
+  impls->impl("spatial_attention_qkvpacked_fwd_cuda_emu", &spatial_qkvpacked_fwd);
+  impls->impl("spatial_attention_qkvpacked_bwd_cuda_emu", &spatial_qkvpacked_bwd);
+  done = true;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda_emu, module) {
+  module.doc() = "torchnova CUDA kernels compiled for the CPU emulation layer (test-only)";
+  module.def("register_ops", &register_ops);
+  module.def("ops", []() {
+    std::vector<std::string> names(std::begin(kEmulatedOps), std::end(kEmulatedOps));
+    return names;
+  });
+  module.def(
+      "set_device_limits",
+      [](int multiprocessors, int64_t smem_optin_bytes) {
+        TORCH_CHECK_VALUE(multiprocessors >= 1, "set_device_limits: multiprocessors must be >= 1, got ",
+                          multiprocessors);
+        TORCH_CHECK_VALUE(smem_optin_bytes >= 48 * 1024 && smem_optin_bytes <= 227 * 1024,
+                          "set_device_limits: smem_optin_bytes must be in [49152, 232448], got ", smem_optin_bytes);
+        torchnova_emu::set_device_limits(multiprocessors, size_t(smem_optin_bytes));
+      },
+      pybind11::arg("multiprocessors"), pybind11::arg("smem_optin_bytes"));
+  module.def("set_guarded_allocation", &torchnova_emu::set_guarded_allocation, pybind11::arg("enabled"),
+             "CPU tensors allocated while enabled end at a guard page (out-of-bounds kernel accesses fault, and the "
+             "launch reports them)");
+  module.def("device_limits", []() {
+    const auto* p = at::cuda::getCurrentDeviceProperties();
+    pybind11::dict d;
+    d["name"] = std::string(p->name);
+    d["multiprocessors"] = p->multiProcessorCount;
+    d["smem_optin_bytes"] = int64_t(p->sharedMemPerBlockOptin);
+    return d;
+  });
+  torchnova_emu::testing::bind(module);
+}

@@ -1,0 +1,3 @@
+// CUDA emulation build only: stands in for the CUDA header of this name (see ../cuda_emulation.h).
+#pragma once
+#include "emulation/cuda_emulation.h"
