@@ -146,7 +146,7 @@ setup(
     install_requires=["torch>=2.11"],
     extras_require={
         "bench": ["numpy", "matplotlib", "tqdm", "nvidia-ml-py"],
-        "test": ["pytest", "numpy"],
+        "test": ["pytest", "numpy", "hypothesis==6.170.15"],
         "examples": ["scikit-learn", "matplotlib"],
     },
     ext_modules=ext_modules,

@@ -19,10 +19,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
-# Pinned: what CI and the benchmarks were run with. scikit-learn only for the examples' offline datasets.
+# Pinned: what CI and the benchmarks were run with. scikit-learn only for the examples' offline datasets;
+# hypothesis for the property-based tests (tests/test_properties_*.py).
 "$PY" -m pip install -q --disable-pip-version-check \
   "torch==${TORCH_VERSION}" "numpy==2.4.6" "pytest==9.2.0" "ninja==1.13.2" "pybind11==3.1.0" \
-  "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "matplotlib==3.11.2" "scikit-learn==1.9.1" 2>&1 | grep -v "^WARNING: Location" || true
+  "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "hypothesis==6.170.15" "matplotlib==3.11.2" "scikit-learn==1.9.1" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" # fail here, clearly, if the install did not work
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
