@@ -144,12 +144,15 @@ def test_mesa_kl_matches_float64(backend):
 
 
 @pytest.mark.parametrize("backend", fuzz_backends(OP))
-@pytest.mark.parametrize("classes", [1, 2, 1000])
-def test_mesa_kl_identical_logits_not_negative(backend, classes):
-    # KL(p || p) = 0 exactly; rounding must not make it negative (it used to be about -4e-7 for one class).
+@pytest.mark.parametrize("classes, teacher", [(1, "identical"), (2, "identical"), (1000, "identical"),
+                                              (1, "independent")])  # fmt: skip
+def test_mesa_kl_zero_kl_not_negative(backend, classes, teacher):
+    # KL = 0 exactly for identical logits, and for one class whatever the logits (p = q = 1); rounding of
+    # sum p (t' - z') - lse(t') + lse(z') must not make it negative (it was about -4e-7 for one class).
     device = device_of(backend)
     z = randn((64, classes), torch.float32, classes, device, scale=30.0)
-    with running_on(OP, backend, student_logits=z, teacher_logits=z):
-        rows = mesa_kl(z, z.clone(), temperature=5.0, reduction="none", backend=op_backend(backend))
+    t = z.clone() if teacher == "identical" else randn((64, classes), torch.float32, classes + 1, device, scale=30.0)
+    with running_on(OP, backend, student_logits=z, teacher_logits=t):
+        rows = mesa_kl(z, t, temperature=1.0, reduction="none", backend=op_backend(backend))
     assert (rows >= 0).all(), rows[rows < 0]
     assert rows.abs().max() < 1e-4
