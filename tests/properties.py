@@ -13,7 +13,7 @@ import contextlib
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
 from hypothesis_profiles import examples_for
@@ -77,17 +77,20 @@ def running_on(op: str, backend: str, **inputs):
             context.__exit__(None, None, None)
         return
     why = _backend.reasons(op, backend, **inputs)
-    if why:
-        pytest.skip(f"{backend} cannot run: " + "; ".join(why))
+    if why:  # this example only (the backend runs others: supported_dtypes): draw another one
+        reject()
     yield
 
 
 def supported_dtypes(op: str, backend: str, probe, candidates) -> list[torch.dtype]:
-    """The candidate dtypes this backend runs on the device of ``probe(dtype) -> inputs`` (registry reasons)."""
-    name = op_backend(backend)
+    """The candidate dtypes this backend runs on the device of ``probe(dtype) -> inputs`` (registry reasons);
+    skips the test, with the reasons, when it runs none of them here (not built, no device, ...)."""
     if backend == EMULATED:
         return [d for d in candidates if d != torch.float64]  # the CUDA kernels: fp32/fp16/bf16
-    return [d for d in candidates if not _backend.reasons(op, name, **probe(d))]
+    dtypes = [d for d in candidates if not _backend.reasons(op, backend, **probe(d))]
+    if not dtypes:
+        pytest.skip(f"{backend} cannot run: " + "; ".join(_backend.reasons(op, backend, **probe(candidates[0]))))
+    return dtypes
 
 
 def check_property(backend: str, strategy, check, weight: float = 1.0) -> None:
