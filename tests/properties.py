@@ -149,5 +149,19 @@ def grad_like(out: torch.Tensor, kind: str, seed: int) -> torch.Tensor:
     return randn(out.shape, out.dtype, seed, out.device)
 
 
-def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, kind: str, what: str) -> None:
-    assert_close(got, want, dtype, kind, what)
+def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, kind: str, what: str,
+            same_dtype_reference: torch.Tensor | None = None) -> None:
+    """``got`` vs the float64 ``want`` at the tolerance table's bound. For attention, DESIGN.md's second rule
+    is also accepted: an error at most 2x that of the reference run in the same dtype
+    (``same_dtype_reference``). Large scores (|s| ~ 30-100 with fp32 inputs) are ill-conditioned: there the
+    float32 reference itself misses the table (e.g. 6e-5 at scores ~37 where the table allows 2e-5)."""
+    try:
+        assert_close(got, want, dtype, kind, what)
+    except AssertionError:
+        if same_dtype_reference is None or got.numel() == 0:
+            raise
+        error = (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item()
+        ref_error = (same_dtype_reference.detach().double().cpu() - want.detach().double().cpu()).abs().max().item()
+        if not error <= 2 * ref_error:
+            raise AssertionError(f"{what}: error {error:.3e} is over the table and over 2x the same-dtype "
+                                 f"reference's error {ref_error:.3e}") from None
