@@ -211,3 +211,23 @@ def test_relative_position_buckets_match_float64(T, half_quarter, extra_distance
             assert int(table[i, j]) == want, f"T={T} buckets={num_buckets} max_distance={max_distance} n={n}"
     # a bucket depends on i - j only (Toeplitz)
     assert torch.equal(table[1:, 1:], table[:-1, :-1])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["qkv", "packed"])
+@pytest.mark.parametrize("op", ["temporal_attention", "spatial_attention"])
+@pytest.mark.parametrize("backend", fuzz_backends("temporal_attention"))
+def test_empty_batch_backward(backend, op, packed):
+    # B = 0 with out.sum().backward(): autograd hands the backward a stride-0 empty gradient, which contiguous()
+    # leaves as it is; the backward used to raise "grad_out needs stride(-1) == 1".
+    device = device_of(backend)
+    _dtypes(op, backend)  # skips, with the reasons, where the backend cannot run here
+    qkv = torch.randn(0, 3, 2, 3, 2, 8, device=device).requires_grad_(True)
+    fn = {
+        ("temporal_attention", False): temporal_attention, ("temporal_attention", True): temporal_attention_qkvpacked,
+        ("spatial_attention", False): spatial_attention, ("spatial_attention", True): spatial_attention_qkvpacked,
+    }  # fmt: skip
+    with running_on(op, backend, q=qkv[:, :, :, 0]):
+        args = (qkv,) if packed else qkv.unbind(3)
+        out = fn[(op, packed)](*args, backend=op_backend(backend))
+        out.sum().backward()
+    assert out.shape == (0, 3, 2, 2, 8) and qkv.grad.shape == qkv.shape
