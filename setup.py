@@ -176,7 +176,7 @@ setup(
     install_requires=["torch>=2.11"],
     extras_require={
         "bench": ["numpy", "matplotlib", "tqdm", "nvidia-ml-py"],
-        "test": ["pytest", "numpy"],
+        "test": ["pytest", "numpy", "hypothesis==6.170.15"],
         "examples": ["scikit-learn", "matplotlib"],
         # Grid carbon intensity by country / cloud region from CodeCarbon's bundled data (torchnova.energy);
         # without it the CO2 figures use the fixed 475 gCO2/kWh world average and say so.

@@ -6,7 +6,8 @@
 // Tokens 0 .. text_len-1 are text; token t >= text_len is frame token p = t - text_len, frame f = p / (gh*gw),
 // raster r = p % (gh*gw), row y = r / gw, col x = r % gw.
 //   base channel:  text query -> text keys.  frame query -> text keys + own frame, causal (r_k <= r_q), except
-//                  interpolation stage even frames (0, 2, 4: given key frames), which see their whole frame.
+//                  interpolation stage even frames (0, 2, 4, ...: the given key frames, any frame count), which
+//                  see their whole frame.
 //   plus channel:  text query -> nothing (out = 0).  frame query -> text keys + frame keys in its spatial group
 //                  (attention "full": the whole grid; "window": window x window cells, on shifted layers the
 //                  Swin groups of the grid rolled by -window/2 with the region rule) that are

@@ -14,6 +14,11 @@ if not torch.cuda.is_available() and os.environ.get("TORCHNOVA_TEST_NO_INTERPRET
 
 import pytest  # noqa: E402
 
+try:  # hypothesis profiles of the property-based tests (HYPOTHESIS_PROFILE=ci|long); pinned in scripts/setup.sh
+    import hypothesis_profiles  # noqa: E402, F401
+except ImportError:  # hypothesis not installed: only tests/test_properties_*.py need it (and then fail to import)
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -87,7 +87,9 @@ def _interp_mask(frames, n):
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-@pytest.mark.parametrize("layout", [(3, 5, 8, 8, 4), (1, 5, 4, 6, 2), (2, 5, 6, 4, 2)], ids=str)
+@pytest.mark.parametrize(
+    "layout", [(3, 5, 8, 8, 4), (1, 5, 4, 6, 2), (2, 5, 6, 4, 2), (0, 1, 2, 2, 1), (1, 2, 2, 4, 2), (2, 4, 4, 4, 2),
+               (1, 6, 2, 2, 1), (1, 7, 4, 2, 2)], ids=str)  # fmt: skip
 def test_masks_match_cogvideo_path(mode, layout):
     channel, attention, shifted, stage = mode
     text_len, frames, gh, gw, window = layout
@@ -160,6 +162,17 @@ def test_cpp_odd_shapes_strided(mode):
     # non-square grid, text_len 1, window 2, head dim 3, one head, strided views
     _check_against_reference("cpp", mode, torch.float64, text_len=1, grid=(4, 6), window=2, heads=1, dim=3,
                              strided=True)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "triton"])
+@pytest.mark.parametrize("frames", [1, 2, 4, 6])
+@pytest.mark.parametrize("channel", ["base", "plus"])
+def test_interpolation_any_frame_count(backend, frames, channel):
+    # CogVideo's rule for any count: key frames are the even indices (it released 5 frames; 0, 2, 4 given)
+    device = DEVICE if backend == "triton" else "cpu"
+    mode = (channel, "window", True, "interpolation")
+    _check_against_reference(backend, mode, torch.float32, text_len=2, frames=frames, grid=(2, 4), window=2,
+                             heads=1, dim=4, device=device)  # fmt: skip
 
 
 @needs_cpp
@@ -404,7 +417,7 @@ def _good():
     "change, error, words",
     [
         (dict(window=3), ValueError, "window"),
-        (dict(stage="interpolation", frames=4), ValueError, "frames"),
+        (dict(frames=0), ValueError, "frames"),
         (dict(text_len=3), ValueError, r"L = q.shape\[1\] must equal text_len \+ frames \* grid_h \* grid_w = 3 \+ 5"),
         (dict(grid=(4, 6)), ValueError, r"L = q.shape\[1\] must equal .* = 2 \+ 5 \* 4 \* 6 = 122, got 82"),
         (dict(channel="both"), ValueError, "channel"),

@@ -103,7 +103,10 @@ TORCHNOVA_INLINE RowStats<acc_t> row_stats(const acc_t* z, const acc_t* t, int64
   stats.log_sum_z = static_cast<acc_t>(std::log(sum_z));
   stats.shift_t = shift_t;
   stats.log_sum_t = static_cast<acc_t>(std::log(sum_t));
-  stats.loss = static_cast<acc_t>(double(tau) * double(tau) * (cross / sum_t - lse_t + lse_z));
+  // KL >= 0, but the difference of these terms rounds to about -1e-7 where p == q (e.g. one class): clamp at 0.
+  // (A NaN row stays NaN: NaN < 0 is false.)
+  const double loss = double(tau) * double(tau) * (cross / sum_t - lse_t + lse_z);
+  stats.loss = static_cast<acc_t>(loss < 0.0 ? 0.0 : loss);
   stats.sum_z = static_cast<acc_t>(sum_z);
   stats.sum_t = static_cast<acc_t>(sum_t);
   return stats;

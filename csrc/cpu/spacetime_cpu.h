@@ -80,8 +80,8 @@ inline void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), op, ": expected CPU tensors");
   TORCH_CHECK(q.is_floating_point(), op, ": q must be floating point, got ", q.scalar_type());
   for (const at::Tensor* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->size(4) <= 1 || t->stride(4) == 1, op, ": q, k, v need stride(-1) == 1, got strides ",
-                t->strides());
+    TORCH_CHECK(t->size(4) <= 1 || t->stride(4) == 1 || t->numel() == 0, op,
+                ": q, k, v need stride(-1) == 1, got strides ", t->strides());
   }
 }
 
@@ -94,8 +94,11 @@ inline void check_bwd_inputs(const char* op, const at::Tensor& grad_out, const a
               ": grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(), " and ", out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
               ": grad_out and out must have q's dtype ", q.scalar_type());
-  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1, op, ": grad_out needs stride(-1) == 1");
-  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1, op, ": out needs stride(-1) == 1");
+  // An empty tensor (B = 0, S = 0, ...) has nothing to read: its strides (0 for an expanded gradient) do not matter.
+  TORCH_CHECK(grad_out.stride(4) == 1 || grad_out.size(4) <= 1 || grad_out.numel() == 0, op,
+              ": grad_out needs stride(-1) == 1, got strides ", grad_out.strides());
+  TORCH_CHECK(out.stride(4) == 1 || out.size(4) <= 1 || out.numel() == 0, op,
+              ": out needs stride(-1) == 1, got strides ", out.strides());
   const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(lse.scalar_type() == acc && lse.dim() == 4 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2) && lse.size(3) == q.size(3),

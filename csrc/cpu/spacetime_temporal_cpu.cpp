@@ -6,7 +6,8 @@
 // One problem per (b, s, h), a sequence over the T frames (a huge batch of tiny problems):
 //   s_ij = scale * q_i . k_j + bias[h, i, j]        visible(i, j) = seg[b,i] == seg[b,j] && (!causal || j <= i)
 //   lse_i = log sum_{j visible} exp(s_ij),  P_ij = exp(s_ij - lse_i),  out_i = sum_j P_ij v_j
-// backward (P recomputed from lse):
+// backward (P recomputed from the scores: the whole T x T tile is on chip, so the backward renormalizes it
+// instead of using the saved lse, whose rounding to the accumulation dtype would cost |lse| * eps of accuracy):
 //   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
 //   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dO_i,
 //   dbias[h, i, j] = sum over all (b, s) problems of dS_ij
@@ -131,9 +132,8 @@ struct ItemOutput {
 // The kernels work on transposed score tiles, S^T (T keys x Tp queries): a query is a column, so the softmax
 // over keys runs down the columns with vertical vector operations (max, sum, log of Tp queries at once), where a
 // row-major tile needs two horizontal reductions and a scalar log per query (~15 % of the forward at T = 16).
-// Queries are padded to Tp (a multiple of the vector width) columns: the padded columns of Q^T stay zero, their
-// additive term is 0 (finite, never read back) in the forward and their lse +inf in the backward (probability
-// 0, no gradient).
+// Queries are padded to Tp (a multiple of the vector width) columns: the padded columns of Q^T stay zero and their
+// additive term is 0, so they hold finite values that no product reads (the products run over the T real columns).
 // additive[(h * T + j) * Tp + i] = bias[h, i, j] (or 0) where key j is visible to query i in batch b, else -inf.
 template <typename acc_t>
 void build_additive(const acc_t* bias, const TemporalMask& mask, int64_t b, int64_t H, int64_t T, int64_t Tp,
@@ -253,7 +253,6 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
   const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out);  // out is not read: delta from P, dP (header)
-  const acc_t* lse_p = lse.data_ptr<acc_t>();
   const int64_t items = B * S, staged = T * staged_ld(HD);
   // Deterministic dbias: a chunk count that depends on the item count only (never on the thread count).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(kMaxBiasChunks, (items + 15) / 16));
@@ -264,8 +263,6 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
     const int64_t out_staged = ItemOutput<acc_t, scalar_t>::kDirect ? 0 : staged;
     std::vector<acc_t> qb(staged), kb(staged), vb(staged), gb(staged), dqb(out_staged), dkb(out_staged),
         dvb(out_staged), qt(D * Tp), gt(D * Tp), probs(T * Tp), dscores(T * Tp), lse_cols(Tp), delta(Tp);
-    // Padded query columns: lse +inf gives them probability 0 and no gradient.
-    std::fill(lse_cols.begin(), lse_cols.end(), std::numeric_limits<acc_t>::infinity());
     AdditiveTile<acc_t> additive;
     for (int64_t chunk = chunk_lo; chunk < chunk_hi; ++chunk) {
       acc_t* chunk_bias = dbias ? &partial[chunk * H * T * T] : nullptr;
@@ -286,17 +283,16 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
           cpu::transpose(gr.head(h), gr.ld_t, T, D, gt.data(), Tp);  // dO^T (D, Tp)
           cpu::gemm<W>(T, Tp, D, kr.head(h), kr.ld_t, qt.data(), Tp, probs.data(), Tp, scale);  // S^T = scale K Q^T
           cpu::gemm<W>(T, Tp, D, vr.head(h), vr.ld_t, gt.data(), Tp, dscores.data(), Tp);       // dP^T = V dO^T
-          for (int64_t i = 0; i < T; ++i) lse_cols[i] = lse_p[((b * T + i) * S + s) * H + h];
+          // P^T recomputed as the softmax of the whole on-chip column (max, exp, sum), not as exp(s - lse) from
+          // the saved lse: lse is rounded to the accumulation dtype at its magnitude, so exp(s - lse) carries a
+          // relative error of |lse| * eps (8x the float32 reference's gradient error at scores ~30, found by the
+          // property tests). Same exp count; padded query columns (i >= T) get finite values no product reads.
+          softmax_columns(probs.data(), add + h * T * Tp, T, Tp, lse_cols.data(), delta.data());
           std::fill(delta.begin(), delta.end(), acc_t(0));
-          const acc_t* add_h = add + h * T * Tp;
-          for (int64_t j = 0; j < T; ++j) {  // P^T from the saved lse; delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
-            acc_t *p = probs.data() + j * Tp, *ds = dscores.data() + j * Tp;
-            const acc_t* a = add_h + j * Tp;
+          for (int64_t j = 0; j < T; ++j) {  // delta_i = sum_j P_ij dP_ij (= dO_i . O_i)
+            const acc_t *p = probs.data() + j * Tp, *ds = dscores.data() + j * Tp;
 #pragma omp simd
-            for (int64_t i = 0; i < Tp; ++i) {
-              p[i] = cpu::exp_nonpositive(p[i] + a[i] - lse_cols[i]);
-              delta[i] += p[i] * ds[i];
-            }
+            for (int64_t i = 0; i < Tp; ++i) delta[i] += p[i] * ds[i];
           }
           for (int64_t j = 0; j < T; ++j) {  // dS^T = P^T o (dP^T - delta)
             acc_t *p = probs.data() + j * Tp, *ds = dscores.data() + j * Tp;

@@ -372,7 +372,9 @@ __global__ void __launch_bounds__(kMaxThreadsPerRow)
     lse[3 * rows + row] = log_sum_t;
     // lse_z - lse_t grouped as (shift difference) + (log difference): for logits ~1e4 this avoids the rounding
     // of each lse to the ulp of its large magnitude.
-    loss_rows[row] = tau * tau * (state.cross / state.sum_t + (shift_z - shift_t) + (log_sum_z - log_sum_t));
+    // KL >= 0, but these terms round to about -1e-7 where p == q (e.g. one class): clamp at 0 (NaN stays NaN).
+    const acc_t loss = tau * tau * (state.cross / state.sum_t + (shift_z - shift_t) + (log_sum_z - log_sum_t));
+    loss_rows[row] = loss < acc_t(0) ? acc_t(0) : loss;
   }
   if (grad == nullptr) return;
 

@@ -83,7 +83,7 @@ inline void check_like_q(const char* op, const char* name, const at::Tensor& x, 
   TORCH_CHECK(dtype == q.scalar_type(), op, ": ", name, " dtype must equal q's dtype ", q.scalar_type(), ", got ",
               dtype);
   TORCH_CHECK(x.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.stride(4) == 1 || x.size(4) == 1, op, ": ", name,
+  TORCH_CHECK(x.stride(4) == 1 || x.size(4) == 1 || x.numel() == 0, op, ": ", name,
               " must have unit stride over the head dim (stride(-1) == 1), got strides ", x.strides());
   const int64_t head_dim = x.size(4);
   TORCH_CHECK(head_dim >= 1 && head_dim <= kMaxHeadDim, op, ": head dim D of ", name, " must be in 1..", kMaxHeadDim,
@@ -106,7 +106,7 @@ inline at::Tensor with_unit_head_stride(const char* op, const char* name, const 
                                         const at::Tensor& q) {
   TORCH_CHECK(x.dim() == 5 && x.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ",
               x.sizes());
-  at::Tensor unit = (x.stride(4) == 1 || x.size(4) == 1) ? x : x.contiguous();
+  at::Tensor unit = (x.stride(4) == 1 || x.size(4) == 1 || x.numel() == 0) ? x : x.contiguous();
   check_like_q(op, name, unit, q);
   return unit;
 }

@@ -12,7 +12,7 @@ base channel (text + own frame), sequential: a frame query sees the text and its
                                                  #  |  ....   |  ####   |  ....
                                                     |  ....   |  ##..   |  ....
                                                     |  ....   |  ....   |  ....
-    interpolation: frames 0, 2, 4 (given key frames) see their whole frame; frames 1, 3 causal as above.
+    interpolation: even frames 0, 2, 4, ... (given key frames) see their whole frame; odd frames causal as above.
 
 plus channel, window 2, not shifted: the 4x4 grid splits into 4 windows of 2x2; a query sees the text and its
 window in every frame, causal in (frame, raster) order (sequential)::
@@ -31,8 +31,9 @@ the Swin region mask, so in original coordinates the groups per axis are {0} (th
                               D E E F
                               G H H I
 
-plus channel, interpolation stage (frames 0, 2, 4 given): key-frame queries see every key frame (whole group),
-odd-frame queries see the key frames, their own frame causally and earlier odd frames; never later odd frames.
+plus channel, interpolation stage (any frame count; the even frames 0, 2, 4, ... are given, CogVideo's released
+model has 5): key-frame queries see every key frame (whole group), odd-frame queries see the key frames, their
+own frame causally and earlier odd frames; never later odd frames.
 plus channel text queries see nothing (output 0). Padded text keys (``text_pad_mask`` False) are invisible.
 ``attention="full"`` is the window rule with one window covering the whole grid (``window``/``shifted`` unused).
 """

@@ -86,6 +86,18 @@ for _op in (OP, MIX_OP):  # "auto" order (module docstring)
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous with the strides of its shape. ``contiguous()`` returns an empty tensor as it is, and torch
+    gives empty results odd strides (0, or those of an expanded scalar gradient), which the kernels reject."""
+    return x.contiguous() if x.numel() else x.clone(memory_format=torch.contiguous_format)
+
+
+def _unit_head_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its head dim is contiguous (any other strides are read in place); empty or D = 1 tensors
+    with another stride(-1) are made dense (a copy of nothing, or of a view whose last dim has one element)."""
+    return x if x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
 def _attn_fwd_fake(q, k, v, text_pad_mask, text_len, frames, grid_h, grid_w, channel, attention, window, shifted,
                    stage):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -108,7 +120,7 @@ def _attn_setup(ctx, inputs, output):
 def _make_attn_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse, text_pad_mask = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, text_pad_mask, *ctx.layout)
+        dq, dk, dv = bwd_op(_dense(grad_out), q, k, v, out, lse, text_pad_mask, *ctx.layout)
         return (dq, dk, dv) + (None,) * 10
 
     return backward
@@ -132,7 +144,7 @@ def _mix_setup(ctx, inputs, output):
 def _make_mix_backward(bwd_op):
     def backward(ctx, grad_y):
         o_base, o_plus, alpha_logit = ctx.saved_tensors
-        d_base, d_plus, d_alpha = bwd_op(grad_y.contiguous(), o_base, o_plus, alpha_logit, ctx.text_len)
+        d_base, d_plus, d_alpha = bwd_op(_dense(grad_y), o_base, o_plus, alpha_logit, ctx.text_len)
         return d_base, d_plus, d_alpha.to(alpha_logit.dtype), None
 
     return backward
@@ -216,10 +228,6 @@ def _validate_attention(q, k, v, text_len, frames, grid, channel, attention, win
         raise ValueError(f"cogvideo_attention: stage must be one of {STAGES}, got {stage!r}")
     if not isinstance(shifted, bool):
         raise TypeError(f"cogvideo_attention: shifted must be a bool, got {shifted!r}")
-    if stage == "interpolation" and frames != 5:
-        raise ValueError(
-            f"cogvideo_attention: frames must be 5 for stage='interpolation' (key frames 0, 2, 4), got {frames}"
-        )
     if channel == "plus" and attention == "window":
         if window < 1 or grid_h % window or grid_w % window:
             raise ValueError(
@@ -231,8 +239,11 @@ def _validate_attention(q, k, v, text_len, frames, grid, channel, attention, win
             f"cogvideo_attention: L = q.shape[1] must equal text_len + frames * grid_h * grid_w = {text_len} + "
             f"{frames} * {grid_h} * {grid_w} = {expected}, got {q.shape[1]}"
         )
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("cogvideo_attention: q, k, v need stride(-1) == 1 (contiguous head dim)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        # stride(-1) matters only where there are elements to read along it (D > 1, not empty)
+        if x.stride(-1) != 1 and x.shape[-1] > 1 and x.numel() > 0:
+            raise ValueError(f"cogvideo_attention: {name} needs stride(-1) == 1 (contiguous head dim), "
+                             f"got strides {tuple(x.stride())}")
     if text_pad_mask is not None:
         if not isinstance(text_pad_mask, torch.Tensor) or text_pad_mask.dtype != torch.bool:
             got = text_pad_mask.dtype if isinstance(text_pad_mask, torch.Tensor) else type(text_pad_mask).__name__
@@ -272,7 +283,8 @@ def cogvideo_attention(
         channel: ``"base"`` (text + own frame) or ``"plus"`` (cross-frame; text rows give 0).
         attention: plus channel ``"full"`` (causal over all frames) or ``"window"`` (window x window spatial
             windows through every frame; ``shifted`` shifts them by window // 2 with the Swin region rule).
-        stage: ``"sequential"`` (causal) or ``"interpolation"`` (frames 0, 2, 4 given; needs frames == 5).
+        stage: ``"sequential"`` (causal) or ``"interpolation"`` (any frame count: the even frames 0, 2, 4, ...
+            are the given key frames, the odd ones are interpolated between them).
         text_pad_mask: optional (B, text_len) bool, True = real token; padded text keys are invisible.
         backend: ``"auto"`` (``TORCHNOVA_BACKEND`` overrides it), ``"reference"``, ``"cpp"``, ``"triton"``
             (CUDA tensors, fp32/fp16/bf16, D <= 256; CPU under TRITON_INTERPRET=1) or ``"cuda"``.
@@ -292,7 +304,7 @@ def cogvideo_attention(
     fwd = ops.cogvideo_attention_fwd_triton if chosen == "triton" else ops.cogvideo_attention_fwd
     if chosen == "cuda":
         fwd = getattr(ops, "cogvideo_attention_fwd" + _backend.cuda_op_suffix(q.device))
-    out, _ = fwd.default(q, k, v, mask, *args)
+    out, _ = fwd.default(*(_unit_head_stride(x) for x in (q, k, v)), mask, *args)
     return out
 
 

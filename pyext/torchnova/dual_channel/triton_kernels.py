@@ -11,7 +11,7 @@ Visibility (masks.py / csrc/dual_channel_visibility.h, computed here from token 
 no L x L mask exists). Tokens 0 .. text_len-1 are text; token t >= text_len is frame position p = t − text_len,
 frame f = p // (gh·gw), raster r = p % (gh·gw), row y = r // gw, col x = r % gw.
     base:  text query -> text keys;  frame query -> text keys + own frame, causal (r_k <= r_q), except
-           interpolation-stage even frames (0, 2, 4), which see their whole frame.
+           interpolation-stage even frames (0, 2, 4, ...; any frame count), which see their whole frame.
     plus:  text query -> nothing (out 0);  frame query -> text keys + frame keys of its spatial group ("full":
            the whole grid; "window": window x window cells, on shifted layers the Swin groups of the grid rolled
            by −window/2, the wrapped strip a group of its own per axis) that are

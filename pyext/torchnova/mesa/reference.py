@@ -22,4 +22,8 @@ def mesa_kl_rows_ref(student: torch.Tensor, teacher: torch.Tensor, temperature: 
     p = log_p.exp()
     # xlogy convention: where p == 0 the term is 0 even if log q = -inf.
     terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros((), dtype=acc, device=p.device))
-    return terms.sum(-1) * (temperature * temperature)
+    rows = terms.sum(-1) * (temperature * temperature)
+    # KL >= 0, but the sum rounds to a tiny negative number where p == q: clamp the value at 0 (NaN stays NaN),
+    # keeping the gradient tau (q - p) of the unclamped expression (it is ~0 there anyway).
+    # (rows - rows.detach() is exactly 0 with gradient 1; inf rows are left alone.)
+    return torch.where(rows < 0, rows - rows.detach(), rows)

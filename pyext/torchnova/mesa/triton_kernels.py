@@ -199,6 +199,8 @@ if HAS_TRITON:
                     tl.store(grad_ptr + g_offs, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
         loss = tau * tau * (a / s_t - lse_t + lse_z)
+        # KL >= 0, but these terms round to about -1e-7 where p == q (e.g. one class): clamp at 0 (NaN stays NaN)
+        loss = tl.where(loss < 0.0, 0.0, loss)
         tl.store(loss_ptr + rows, loss, mask=row_mask)
         tl.store(lse_ptr + rows, sh_z, mask=row_mask)
         tl.store(lse_ptr + R + rows, log_s_z, mask=row_mask)

@@ -169,7 +169,7 @@ def _make_temporal_backward(bwd_op):
         q, k, v, out, lse, bias, segment_ids = ctx.saved_tensors
         needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
         dq, dk, dv, dbias = bwd_op(
-            grad_out.contiguous(), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
+            _dense(grad_out), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
             torch.are_deterministic_algorithms_enabled(),
         )  # fmt: skip
         return dq, dk, dv, (dbias if needs_bias_grad else None), None, None, None
@@ -195,7 +195,7 @@ def _spatial_setup(ctx, inputs, output):
 def _make_spatial_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = bwd_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        dq, dk, dv = bwd_op(_dense(grad_out), q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None
 
     return backward
@@ -229,7 +229,7 @@ def _make_temporal_packed_backward(bwd_op):
         qkv, out, lse, bias, segment_ids = ctx.saved_tensors
         needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
         dqkv, dbias = bwd_op(
-            grad_out.contiguous(), qkv, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
+            _dense(grad_out), qkv, out, lse, bias, segment_ids, ctx.causal, ctx.scale, needs_bias_grad,
             torch.are_deterministic_algorithms_enabled(),
         )  # fmt: skip
         return dqkv, (dbias if needs_bias_grad else None), None, None, None
@@ -255,7 +255,7 @@ def _spatial_packed_setup(ctx, inputs, output):
 def _make_spatial_packed_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
         qkv, out, lse = ctx.saved_tensors
-        return bwd_op(grad_out.contiguous(), qkv, out, lse, ctx.scale), None
+        return bwd_op(_dense(grad_out), qkv, out, lse, ctx.scale), None
 
     return backward
 
@@ -366,7 +366,16 @@ def _unpack_qkv(op: str, qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+    """x itself when its last dim is contiguous (other strides are read in place), else a dense copy. An empty
+    tensor with another stride(-1) (torch gives empty results stride 0) is made dense too: ``contiguous()``
+    would return it unchanged, and the kernels check stride(-1)."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous with the strides of its shape (see _last_dim_contiguous): autograd hands the backward an
+    expanded stride-0 gradient after ``out.sum().backward()``, which ``contiguous()`` keeps when it is empty."""
+    return x.contiguous() if x.numel() else x.clone(memory_format=torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------------------------------
