@@ -253,19 +253,36 @@ def test_mesa_kl_backward_precision_at_large_logits(backend, device, classes, te
     """Relative gradient error stays at float32 rounding, not |lse| * 6e-8 (6e-4 here), on the backward op."""
     z, t = _large_logits(4, classes, device, offset=1e4 * temperature)
     skip_unless_runs("mesa_kl", backend, student_logits=z, teacher_logits=t)
-    fwd, bwd = _fwd_bwd_ops(backend)
-    upstream = torch.rand(4, dtype=torch.float32, device=device) + 0.5
+    _check_backward_precision(*_fwd_bwd_ops(backend), z, t, temperature, backend)
+
+
+@pytest.mark.skipif(not _ext.HAS_CUDA_EMULATION, reason="the CUDA emulation layer is not built")
+@pytest.mark.parametrize("classes", [37, 9000])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_mesa_kl_cuda_backward_precision_emulated(classes, temperature):
+    """The same on the CUDA kernels, run on the CPU through torchnova.testing.cuda_emulation()."""
+    from torchnova.testing import cuda_emulation
+
+    with cuda_emulation():
+        z, t = _large_logits(4, classes, "cpu", offset=1e4 * temperature)
+        ops = torch.ops.torchnova
+        _check_backward_precision(ops.mesa_kl_fwd_cuda_emu.default, ops.mesa_kl_bwd_cuda_emu.default, z, t,
+                                  temperature, "cuda (emulated)")
+
+
+def _check_backward_precision(fwd, bwd, z, t, temperature, label):
+    upstream = torch.rand(4, dtype=torch.float32, device=z.device) + 0.5
     _, lse, _ = fwd(z, t, temperature, False)
     grad = bwd(upstream, z, t, lse, temperature)
     expected = _reference_grad(z, t, temperature, upstream)
-    assert_close(grad, expected, torch.float32, "grad", f"{backend} mesa_kl_bwd")
+    assert_close(grad, expected, torch.float32, "grad", f"{label} mesa_kl_bwd")
     # The same through autograd (the op's registered backward) and, for the forward-with-gradient path, the stash.
     z_leaf = z.clone().requires_grad_(True)
     loss_rows, _, _ = fwd(z_leaf, t, temperature, False)
     (grad_autograd,) = torch.autograd.grad(loss_rows, z_leaf, upstream)
-    assert_close(grad_autograd, expected, torch.float32, "grad", f"{backend} autograd")
+    assert_close(grad_autograd, expected, torch.float32, "grad", f"{label} autograd")
     _, _, stash = fwd(z, t, temperature, True)
-    assert_close(stash * upstream[:, None], expected, torch.float32, "grad", f"{backend} forward gradient")
+    assert_close(stash * upstream[:, None], expected, torch.float32, "grad", f"{label} forward gradient")
 
 
 @pytest.mark.parametrize("backend,device", MESA_BACKWARD_PARAMS)
