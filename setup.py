@@ -148,6 +148,9 @@ setup(
         "bench": ["numpy", "matplotlib", "tqdm", "nvidia-ml-py"],
         "test": ["pytest", "numpy"],
         "examples": ["scikit-learn", "matplotlib"],
+        # torchnova.integrations: the model libraries it patches (pinned: the versions the tests compare against)
+        "integrations": ["video-diffusion-pytorch==0.7.0", "einops==0.8.2", "einops-exts==0.0.4",
+                         "rotary-embedding-torch==0.9.1", "torchvision==0.29.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

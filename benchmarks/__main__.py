@@ -31,6 +31,8 @@ OP_MODULES = {
     "temporal_attention": "benchmarks.bench_spacetime:temporal_benchmark",
     "spatial_attention": "benchmarks.bench_spacetime:spatial_benchmark",
     "dual_channel": "benchmarks.bench_dual_channel",
+    "vdp_model": "benchmarks.bench_integrations:model_benchmark",
+    "vdp_attention": "benchmarks.bench_integrations:attention_benchmark",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

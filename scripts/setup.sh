@@ -24,6 +24,19 @@ PY="$VENV/bin/python"
   "torch==${TORCH_VERSION}" "numpy==2.4.6" "pytest==9.2.0" "ninja==1.13.2" "pybind11==3.1.0" \
   "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "matplotlib==3.11.2" "scikit-learn==1.9.1" 2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" # fail here, clearly, if the install did not work
+# torchnova.integrations' model libraries, pinned (their tests compare against them; without them they skip).
+# --no-deps: video-diffusion-pytorch also lists transformers/sentencepiece (BERT text conditioning, unused here),
+# and nothing may replace the pinned torch; torchvision must be the build made for this torch.
+case "$TORCH_VERSION" in
+  2.14.*) TORCHVISION_VERSION=0.29.1 ;;
+  2.13.*) TORCHVISION_VERSION=0.28.0 ;;
+  *) TORCHVISION_VERSION= ;;
+esac
+if [ -n "$TORCHVISION_VERSION" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps "torchvision==${TORCHVISION_VERSION}" \
+    "video-diffusion-pytorch==0.7.0" "einops==0.8.2" "einops-exts==0.0.4" "rotary-embedding-torch==0.9.1" \
+    2>&1 | grep -v "^WARNING: Location" || true
+fi
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
