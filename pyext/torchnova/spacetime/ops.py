@@ -74,7 +74,10 @@ def _rotary_kernel_reasons(rotary_cos=None, rotary_sin=None, **_):
 
 
 def _cpp_temporal_reasons(q, **inputs):
-    return _cpp_reasons(q, **inputs) + _rotary_kernel_reasons(**inputs)
+    why = _cpp_reasons(q, **inputs) + _rotary_kernel_reasons(**inputs)
+    if inputs.get("rotary_cos") is not None and _ext.HAS_CPP and not HAS_NATIVE_ROTARY:
+        why.append("rotary: the C++ extension was built without the rotary ops (rebuild it)")
+    return why
 
 
 def _cuda_temporal_reasons(q, **inputs):
@@ -338,9 +341,22 @@ def _register(op: str, suffix: str = "") -> None:
     torch.library.register_autograd(fwd_name, make_backward(bwd_op), setup_context=setup_context)
 
 
+def _has_native_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.torchnova, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+# An extension built from older sources (before the rotary ops) still imports; its cpp backend then says why it
+# cannot run rotary inputs instead of torchnova failing to import.
+HAS_NATIVE_ROTARY = _ext.HAS_CPP and _has_native_op("temporal_attention_rotary_fwd")
+
 if _ext.HAS_CPP:
     for _op in _FWD_BWD_REGISTRATION:
-        _register(_op)
+        if "rotary" not in _op or HAS_NATIVE_ROTARY:
+            _register(_op)
 
 if triton_kernels.HAS_TRITON:
     for _op in _FWD_BWD_REGISTRATION:
