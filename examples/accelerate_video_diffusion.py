@@ -2,7 +2,7 @@
 its attention routed through torchnova by one line, ``torchnova.integrations.video_diffusion_pytorch.patch``.
 
     pip install video-diffusion-pytorch==0.7.0        # or: pip install 'torchnova[integrations]'
-    python examples/accelerate_video_diffusion.py                # 300 steps each (a few minutes on 2 CPU cores)
+    python examples/accelerate_video_diffusion.py                # 200 steps each (a few minutes on 2 CPU cores)
     python examples/accelerate_video_diffusion.py --steps 2      # a smoke run (the test suite runs this)
 
 Data, generated in code: videos of a coloured square or disc moving in a straight line (bouncing off the
@@ -145,13 +145,13 @@ def denoise_picture(diffusion, args, device, path: Path) -> Path | None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim-head", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--dim-head", type=int, default=16)
     parser.add_argument("--timesteps", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
