@@ -209,3 +209,23 @@ def test_example_runs_and_both_loss_curves_agree(tmp_path, capsys):
     assert "library loss" in out and "torchnova loss" in out and "median step" in out
     if result["picture"] is not None:
         assert result["picture"].stat().st_size > 0
+
+
+@pytest.mark.parametrize("kind", [0, 1], ids=["temporal", "spatial"])
+def test_benchmark_providers_compute_the_same_module(kind):
+    """benchmarks/bench_integrations.py times the same module (same weights) patched and unpatched."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import bench_integrations
+
+    bench = bench_integrations.attention_benchmark()
+    shape = {"batch": 1, "frames": 5, "channels": 8, "heads": 2, "dim_head": 8, "kind": kind, "size": 3}
+    inputs = bench.make_inputs(shape, torch.float64, torch.device("cpu"))
+    library, patched = (provider.make(inputs)() for provider in bench.providers)
+    assert_close(patched, library, torch.float64, "fwd", "module output")
+    model = bench_integrations.model_benchmark()
+    shape = {"batch": 1, "frames": 3, "size": 4, "dim": 8, "levels": 1, "heads": 2, "dim_head": 8}
+    inputs = model.make_inputs(shape, torch.float64, torch.device("cpu"))
+    library, patched = (provider.make(inputs)() for provider in model.providers)
+    assert_close(patched, library, torch.float64, "fwd", "model output")
