@@ -34,7 +34,9 @@ def _library():
 
 
 def _missing(inputs: Inputs) -> list[str]:
-    return [] if _library() is not None else ["video-diffusion-pytorch is not installed (pip install video-diffusion-pytorch==0.7.0)"]
+    if _library() is not None:
+        return []
+    return ["video-diffusion-pytorch is not installed (pip install video-diffusion-pytorch==0.7.0)"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,7 +130,8 @@ def _make_attention(patched: bool):
         temporal = shape["kind"] == 0
         rotary = RotaryEmbedding(min(32, dim_head)) if temporal else None
         layout = "b (h w) f c" if temporal else "b f (h w) c"
-        module = vdp.EinopsToAndFrom("b c f h w", layout, vdp.Attention(C, heads=heads, dim_head=dim_head, rotary_emb=rotary))
+        attention = vdp.Attention(C, heads=heads, dim_head=dim_head, rotary_emb=rotary)
+        module = vdp.EinopsToAndFrom("b c f h w", layout, attention)
         rel_pos_bias = vdp.RelativePositionBias(heads=heads, max_distance=32)
         module, rel_pos_bias = module.to(x.device, x.dtype), rel_pos_bias.to(x.device, x.dtype)
         if patched:

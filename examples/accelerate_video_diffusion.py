@@ -179,7 +179,8 @@ def main(argv=None) -> dict:
     picture = denoise_picture(runs["torchnova"]["diffusion"], args, device, args.out / "accelerate_video_diffusion.png")
     if picture is not None:
         print(f"saved {picture}")
-    return {name: {k: v for k, v in run.items() if k != "diffusion"} for name, run in runs.items()} | {"picture": picture}
+    results = {name: {k: v for k, v in run.items() if k != "diffusion"} for name, run in runs.items()}
+    return results | {"picture": picture}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import torch
 
 from utils import assert_close
 
-vdp = pytest.importorskip("video_diffusion_pytorch.video_diffusion_pytorch", reason="pip install video-diffusion-pytorch==0.7.0")
+vdp = pytest.importorskip(
+    "video_diffusion_pytorch.video_diffusion_pytorch", reason="pip install video-diffusion-pytorch==0.7.0"
+)
 import torchnova.integrations.video_diffusion_pytorch as tn_vdp  # noqa: E402
 
 # (dim_mults, attn_dim_head, frames, (h, w)): one level on an odd grid (no down/upsampling), two levels on a

@@ -24,7 +24,7 @@ def tables(T, rot_dim, dtype=torch.float64, device="cpu", random=False):
     """(cos, sin) (T, rot_dim): rotary-embedding-torch's angles, or arbitrary values (the op must be exact for any
     table, including pairs whose two entries differ)."""
     if random:
-        return (torch.randn(T, rot_dim, dtype=dtype, device=device), torch.randn(T, rot_dim, dtype=dtype, device=device))
+        return tuple(torch.randn(T, rot_dim, dtype=dtype, device=device) for _ in range(2))
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float64) / rot_dim))
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = angles.repeat_interleave(2, -1)
@@ -76,7 +76,9 @@ def test_reference_rotation_matches_rotary_embedding_torch():
 def test_rotary_matches_reference(backend, device, shape, interleaved, use_bias, use_segments, causal, packed,
                                   dtype, monkeypatch):  # fmt: skip
     if backend == "triton" and device == "cpu" and (
-        shape != SHAPES[1] or dtype != torch.float32 or not ((packed and interleaved) or use_bias == use_segments == causal)
+        shape != SHAPES[1]
+        or dtype != torch.float32
+        or not ((packed and interleaved) or use_bias == use_segments == causal)
     ):
         pytest.skip("the Triton interpreter is slow: one odd shape in fp32, every option on one layout")
     if backend == "reference" and (use_bias or use_segments or causal or packed):
@@ -156,7 +158,8 @@ def test_gradcheck_cpp_rotary_float64():
             )  # fmt: skip
 
         def sliced(q, k, v):
-            return torchnova.temporal_attention(q, k, v, rotary=(cos, sin), rotary_interleaved=interleaved, backend="cpp")
+            rotary = dict(rotary=(cos, sin), rotary_interleaved=interleaved)
+            return torchnova.temporal_attention(q, k, v, **rotary, backend="cpp")
 
         assert torch.autograd.gradcheck(packed, (qkv, bias))
         assert torch.autograd.gradcheck(sliced, tuple(x.detach().clone().requires_grad_(True) for x in qkv.unbind(3)))
@@ -165,16 +168,20 @@ def test_gradcheck_cpp_rotary_float64():
 def _opcheck_rotary(suffix, qkv, bias, segments, cos, sin):
     ops = torch.ops.torchnova
     q, k, v = qkv.unbind(3)
-    fwd, bwd = getattr(ops, f"temporal_attention_rotary_fwd{suffix}"), getattr(ops, f"temporal_attention_rotary_bwd{suffix}")
+    fwd = getattr(ops, f"temporal_attention_rotary_fwd{suffix}")
+    bwd = getattr(ops, f"temporal_attention_rotary_bwd{suffix}")
     b_grad = bias.clone().requires_grad_(True)
-    torch.library.opcheck(fwd.default, (*(x.clone().requires_grad_(True) for x in (q, k, v)), b_grad, segments, True, 0.5, cos, sin, True))
+    qkv_grad = (x.clone().requires_grad_(True) for x in (q, k, v))
+    torch.library.opcheck(fwd.default, (*qkv_grad, b_grad, segments, True, 0.5, cos, sin, True))
     out, lse = fwd(q, k, v, bias, segments, True, 0.5, cos, sin, True)
-    torch.library.opcheck(bwd.default, (torch.randn_like(out), q, k, v, out, lse, bias, segments, True, 0.5, cos, sin, True, True, True))
+    args = (torch.randn_like(out), q, k, v, out, lse, bias, segments, True, 0.5, cos, sin, True, True, True)
+    torch.library.opcheck(bwd.default, args)
     fwd = getattr(ops, f"temporal_attention_rotary_qkvpacked_fwd{suffix}")
     bwd = getattr(ops, f"temporal_attention_rotary_qkvpacked_bwd{suffix}")
     torch.library.opcheck(fwd.default, (qkv.clone().requires_grad_(True), None, None, False, 0.5, cos, sin, False))
     out, lse = fwd(qkv, bias, None, False, 0.5, cos, sin, False)
-    torch.library.opcheck(bwd.default, (torch.randn_like(out), qkv, out, lse, bias, None, False, 0.5, cos, sin, False, True, True))
+    args = (torch.randn_like(out), qkv, out, lse, bias, None, False, 0.5, cos, sin, False, True, True)
+    torch.library.opcheck(bwd.default, args)
 
 
 def test_opcheck_rotary_ops():
@@ -197,9 +204,9 @@ def test_tables_that_require_grad_go_to_the_reference():
     backend, so auto picks the reference, which differentiates it; a forced kernel backend raises."""
     qkv = torch.randn(1, 5, 2, 3, 2, 8, dtype=torch.float64, requires_grad=True)
     angles = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    rotary = (angles.cos(), angles.sin())
+    rotary = cos, sin = (angles.cos(), angles.sin())
     for backend in ("cpp", "triton", "cuda"):
-        why = _backend.reasons("temporal_attention", backend, q=qkv[:, :, :, 0], rotary_cos=rotary[0], rotary_sin=rotary[1])
+        why = _backend.reasons("temporal_attention", backend, q=qkv[:, :, :, 0], rotary_cos=cos, rotary_sin=sin)
         assert any("require grad" in w for w in why) or backend != "cpp", why
     with pytest.raises(ValueError, match="rotary tables require grad"):
         torchnova.temporal_attention_qkvpacked(qkv, rotary=rotary, backend="cpp")
@@ -207,7 +214,7 @@ def test_tables_that_require_grad_go_to_the_reference():
     (grad,) = torch.autograd.grad(out.sum(), angles)
     assert grad.abs().max() > 0
     with torch.no_grad():  # no gradient wanted: the kernels run
-        assert not _backend.reasons("temporal_attention", "cpp", q=qkv[:, :, :, 0], rotary_cos=rotary[0], rotary_sin=rotary[1])
+        assert not _backend.reasons("temporal_attention", "cpp", q=qkv[:, :, :, 0], rotary_cos=cos, rotary_sin=sin)
         torchnova.temporal_attention_qkvpacked(qkv, rotary=rotary, backend="cpp")
 
 
@@ -224,16 +231,17 @@ def test_cuda_backend_reason_names_rotary():
         ((torch.ones(5, 8), torch.zeros(5, 8)), "yes", TypeError, "rotary_interleaved must be a bool"),
         (torch.ones(5, 8), False, TypeError, r"rotary must be a \(cos, sin\) pair"),
         ((torch.ones(5, 8), None), False, TypeError, "rotary sin must be a floating-point tensor"),
-        ((torch.ones(4, 8), torch.zeros(4, 8)), False, ValueError, r"rotary cos must have shape \(T, rot_dim\) with T=5, got \(4, 8\)"),
-        ((torch.ones(5, 8), torch.zeros(5, 6)), False, ValueError, r"rotary sin must have cos's shape \(5, 8\), got \(5, 6\)"),
+        ((torch.ones(4, 8), torch.zeros(4, 8)), False, ValueError, r"cos must have shape \(T, rot_dim\) with T=5"),
+        ((torch.ones(5, 8), torch.zeros(5, 6)), False, ValueError, r"sin must have cos's shape \(5, 8\), got \(5, 6\)"),
         ((torch.ones(5, 7), torch.zeros(5, 7)), False, ValueError, r"rot_dim .* must be even and in \[2, D=8\], got 7"),
-        ((torch.ones(5, 10), torch.zeros(5, 10)), False, ValueError, r"rot_dim .* must be even and in \[2, D=8\], got 10"),
-        ((torch.ones(5, 8, dtype=torch.int64), torch.zeros(5, 8)), False, TypeError, "rotary cos must be a floating-point"),
+        ((torch.ones(5, 10), torch.zeros(5, 10)), False, ValueError, r"rot_dim .* even and in \[2, D=8\], got 10"),
+        ((torch.ones(5, 8, dtype=torch.int64), torch.zeros(5, 8)), False, TypeError, "cos must be a floating-point"),
     ],
 )
 def test_bad_rotary_names_the_argument(rotary, interleaved, error, match):
     with pytest.raises(error, match=match):
-        torchnova.temporal_attention_qkvpacked(torch.randn(1, 5, 2, 3, 1, 8), rotary=rotary, rotary_interleaved=interleaved)
+        qkv = torch.randn(1, 5, 2, 3, 1, 8)
+        torchnova.temporal_attention_qkvpacked(qkv, rotary=rotary, rotary_interleaved=interleaved)
 
 
 def test_rotary_fp16_and_bf16_cpp():
@@ -243,8 +251,10 @@ def test_rotary_fp16_and_bf16_cpp():
         cos, sin = tables(6, 12, torch.float32)
         out = torchnova.temporal_attention_qkvpacked(qkv, rotary=(cos, sin), rotary_interleaved=True, backend="cpp")
         qkv64 = qkv.detach().double().requires_grad_(True)
-        expected = temporal_attention_ref(*qkv64.unbind(3), rotary=(cos.double(), sin.double()), rotary_interleaved=True)
+        tables64 = (cos.double(), sin.double())
+        expected = temporal_attention_ref(*qkv64.unbind(3), rotary=tables64, rotary_interleaved=True)
         assert_close(out, expected, dtype, "fwd", "out")
         g = upstream(out)
-        assert_close(torch.autograd.grad(out, qkv, g)[0], torch.autograd.grad(expected, qkv64, g.double())[0], dtype, "grad", "dqkv")
+        (got,), (want,) = torch.autograd.grad(out, qkv, g), torch.autograd.grad(expected, qkv64, g.double())
+        assert_close(got, want, dtype, "grad", "dqkv")
         assert math.isfinite(out.float().sum().item())

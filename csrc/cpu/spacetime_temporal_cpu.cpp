@@ -411,8 +411,8 @@ void check_rotary(const char* op, const at::Tensor& q, const at::Tensor& cos, co
   const auto acc = acc_type(q.scalar_type());
   TORCH_CHECK(cos.dim() == 2 && cos.size(0) == q.size(1) && cos.size(1) % 2 == 0 && cos.size(1) >= 2 &&
                   cos.size(1) <= q.size(4),
-              op, ": rotary_cos must have shape (T, rot_dim) with T = ", q.size(1), ", rot_dim even, 2 <= rot_dim <= D = ",
-              q.size(4), ", got ", cos.sizes());
+              op, ": rotary_cos must have shape (T, rot_dim) with T = ", q.size(1),
+              ", rot_dim even, 2 <= rot_dim <= D = ", q.size(4), ", got ", cos.sizes());
   TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": rotary_sin must have rotary_cos's shape ", cos.sizes(), ", got ",
               sin.sizes());
   for (const at::Tensor* t : {&cos, &sin}) {
