@@ -258,3 +258,25 @@ def test_rotary_fp16_and_bf16_cpp():
         (got,), (want,) = torch.autograd.grad(out, qkv, g), torch.autograd.grad(expected, qkv64, g.double())
         assert_close(got, want, dtype, "grad", "dqkv")
         assert math.isfinite(out.float().sum().item())
+
+
+def test_rotary_compiles_fullgraph():
+    """torch.compile(fullgraph=True) through the rotary op (cpp): no graph break, eager's numbers."""
+    cos, sin = tables(5, 6, torch.float32)
+
+    def fn(qkv, bias):
+        out = torchnova.temporal_attention_qkvpacked(
+            qkv, bias=bias, rotary=(cos, sin), rotary_interleaved=True, backend="cpp"
+        )  # fmt: skip
+        return (out * out).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    qkv = torch.randn(2, 5, 3, 3, 2, 8, requires_grad=True)
+    bias = torch.randn(2, 5, 5, requires_grad=True)
+    loss = compiled(qkv, bias)
+    grads = torch.autograd.grad(loss, (qkv, bias))
+    expected = fn(qkv, bias)
+    for got, want in zip(grads, torch.autograd.grad(expected, (qkv, bias))):
+        assert_close(got, want.double(), torch.float32, "grad", "compiled grad")
+    assert_close(loss, expected.double(), torch.float32, "fwd", "compiled loss")
