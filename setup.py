@@ -181,8 +181,9 @@ setup(
         # Grid carbon intensity by country / cloud region from CodeCarbon's bundled data (torchnova.energy);
         # without it the CO2 figures use the fixed 475 gCO2/kWh world average and say so.
         "carbon": ["codecarbon>=3.3,<4"],
-        # torchnova.integrations: the libraries whose models it patches (tested with these versions)
-        "integrations": ["diffusers==0.42.1", "timm==1.0.31", "torchvision==0.29.1"],
+        # torchnova.integrations: the model libraries it patches (pinned: the versions the tests compare against)
+        "integrations": ["diffusers==0.42.1", "timm==1.0.31", "video-diffusion-pytorch==0.7.0", "einops==0.8.2",
+                         "einops-exts==0.0.4", "rotary-embedding-torch==0.9.1", "torchvision==0.29.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -50,6 +50,9 @@ OP_MODULES = {
     "diffusers_temporal_attn": "benchmarks.bench_diffusers:temporal_attn_benchmark",
     "diffusers_motion_module": "benchmarks.bench_diffusers:motion_module_benchmark",
     "diffusers_unet3d": "benchmarks.bench_diffusers:unet3d_benchmark",
+    # torchnova.integrations.video_diffusion_pytorch (needs video-diffusion-pytorch)
+    "vdp_model": "benchmarks.bench_integrations:model_benchmark",
+    "vdp_attention": "benchmarks.bench_integrations:attention_benchmark",
 }
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,

@@ -24,6 +24,16 @@
 // torch.stack of the three gradients (a copy of 3 x the input plus a fresh allocation).
 // temporal_attention_qkvpacked_fwd -> out, lse;  temporal_attention_qkvpacked_bwd -> dqkv, dbias
 // spatial_attention_qkvpacked_fwd -> out, lse;   spatial_attention_qkvpacked_bwd -> dqkv
+//
+// Rotary position embedding (temporal_attention_rotary_*: the temporal ops plus three arguments): q and k are
+// rotated before the scores, x' = cos[t] o x + sin[t] o rotate_half(x) on the first rot_dim head dims, with
+// rotary_cos, rotary_sin (T, rot_dim) acc contiguous (rot_dim even, <= D) and pairs (2i, 2i+1) when
+// rotary_interleaved (rotary-embedding-torch), else (i, i + rot_dim/2) (GPT-NeoX / HF). The backwards return
+// the gradients of the unrotated q, k (no gradient for the tables). CPU kernels only (csrc/cpu/
+// spacetime_temporal_cpu.cpp) and Triton (*_triton, from Python); the CUDA kernels do not implement them yet.
+// temporal_attention_rotary_fwd -> out, lse;            temporal_attention_rotary_bwd -> dq, dk, dv, dbias
+// temporal_attention_rotary_qkvpacked_fwd -> out, lse;  temporal_attention_rotary_qkvpacked_bwd -> dqkv, dbias
+//
 // The CPU kernels write dqkv directly; on other devices (CUDA) the CompositeExplicitAutograd kernels below call
 // the unpacked ops and stack their gradients (the CUDA kernels write contiguous dq, dk, dv).
 #include <ATen/ATen.h>
@@ -52,6 +62,20 @@ TORCH_LIBRARY_FRAGMENT(torchnova, m) {
   m.def(
       "temporal_attention_qkvpacked_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? bias, "
       "Tensor? segment_ids, bool causal, float scale, bool needs_bias_grad, bool deterministic) -> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_rotary_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? segment_ids, bool causal, "
+      "float scale, Tensor rotary_cos, Tensor rotary_sin, bool rotary_interleaved) -> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_rotary_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? bias, Tensor? segment_ids, bool causal, float scale, Tensor rotary_cos, Tensor rotary_sin, "
+      "bool rotary_interleaved, bool needs_bias_grad, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "temporal_attention_rotary_qkvpacked_fwd(Tensor qkv, Tensor? bias, Tensor? segment_ids, bool causal, "
+      "float scale, Tensor rotary_cos, Tensor rotary_sin, bool rotary_interleaved) -> (Tensor, Tensor)");
+  m.def(
+      "temporal_attention_rotary_qkvpacked_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor? bias, "
+      "Tensor? segment_ids, bool causal, float scale, Tensor rotary_cos, Tensor rotary_sin, bool rotary_interleaved, "
+      "bool needs_bias_grad, bool deterministic) -> (Tensor, Tensor)");
   m.def("spatial_attention_qkvpacked_fwd(Tensor qkv, float scale) -> (Tensor, Tensor)");
   m.def(
       "spatial_attention_qkvpacked_bwd(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, float scale) -> Tensor");

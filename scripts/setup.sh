@@ -37,6 +37,19 @@ INTEGRATIONS=("diffusers==0.42.1")
 if [ "$TORCH_VERSION" = "2.14.1" ]; then INTEGRATIONS+=("timm==1.0.31" "torchvision==0.29.1"); fi
 "$PY" -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}" "${INTEGRATIONS[@]}" 2>&1 \
   | grep -v "^WARNING: Location" || true
+# torchnova.integrations' model libraries, pinned (their tests compare against them; without them they skip).
+# --no-deps: video-diffusion-pytorch also lists transformers/sentencepiece (BERT text conditioning, unused here),
+# and nothing may replace the pinned torch; torchvision must be the build made for this torch.
+case "$TORCH_VERSION" in
+  2.14.*) TORCHVISION_VERSION=0.29.1 ;;
+  2.13.*) TORCHVISION_VERSION=0.28.0 ;;
+  *) TORCHVISION_VERSION= ;;
+esac
+if [ -n "$TORCHVISION_VERSION" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps "torchvision==${TORCHVISION_VERSION}" \
+    "video-diffusion-pytorch==0.7.0" "einops==0.8.2" "einops-exts==0.0.4" "rotary-embedding-torch==0.9.1" \
+    2>&1 | grep -v "^WARNING: Location" || true
+fi
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda

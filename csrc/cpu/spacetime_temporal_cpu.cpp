@@ -25,6 +25,15 @@
 // delta_i = sum_j P_ij dP_ij, equal to dO_i . O_i (O_i = sum_j P_ij v_j) but computed from the tile already in
 // registers: the kernel is memory-bound, and this spares reading O, one of its input streams.
 //
+// Rotary position embedding (the temporal_attention_rotary_* ops): q and k are rotated while they are staged,
+// x'[t] = cos[t] o x[t] + sin[t] o rotate_half(x[t]) on the first rot_dim dims (the rest pass through), with
+// pairs (a, b) = (2i, 2i+1) (interleaved, rotary-embedding-torch) or (i, i + rot_dim/2) (half-split, GPT-NeoX/HF):
+//   x'_a = cos_a x_a - sin_a x_b,   x'_b = cos_b x_b + sin_b x_a        cos, sin: (T, rot_dim) acc contiguous
+// Every product then runs on the rotated q', k' unchanged, and the backward maps dq', dk' back through the
+// transpose of that linear map, in place on each head's finished gradient rows:
+//   dx_a = cos_a dx'_a + sin_b dx'_b,   dx_b = cos_b dx'_b - sin_a dx'_a
+// (exact for any tables; no gradient for the tables themselves).
+//
 // float32 / float16 / bfloat16 inputs accumulate in float32; float64 in double (the gradcheck path).
 #include <torch/extension.h>
 
@@ -78,6 +87,56 @@ void check_temporal_extras(const char* op, const at::Tensor& q, const c10::optio
                 op, ": segment_ids must be a contiguous CPU int64 tensor, got ", segment_ids->scalar_type());
   }
 }
+
+// Rotary tables and the rotation of one staged row (file header). cos == nullptr: no rotation.
+template <typename acc_t>
+struct RotaryTables {
+  const acc_t* cos = nullptr;  // (T, rot_dim) contiguous
+  const acc_t* sin = nullptr;  // (T, rot_dim) contiguous
+  int64_t rot_dim = 0;
+  bool interleaved = false;
+
+  explicit operator bool() const { return cos != nullptr; }
+
+  // x[0:rot_dim] of frame t <- its rotation (transpose: the backward's map of dx' to dx).
+  template <bool kTranspose>
+  TORCHNOVA_INLINE void rotate(acc_t* x, int64_t t) const {
+    const acc_t* c = cos + t * rot_dim;
+    const acc_t* s = sin + t * rot_dim;
+    const int64_t half = rot_dim / 2;
+    if (interleaved) {
+      for (int64_t i = 0; i < half; ++i) pair<kTranspose>(x, c, s, 2 * i, 2 * i + 1);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) pair<kTranspose>(x, c, s, i, i + half);
+    }
+  }
+
+  template <bool kTranspose>
+  static TORCHNOVA_INLINE void pair(acc_t* x, const acc_t* c, const acc_t* s, int64_t a, int64_t b) {
+    const acc_t xa = x[a], xb = x[b];
+    if constexpr (kTranspose) {
+      x[a] = c[a] * xa + s[b] * xb;
+      x[b] = c[b] * xb - s[a] * xa;
+    } else {
+      x[a] = c[a] * xa - s[a] * xb;
+      x[b] = c[b] * xb + s[b] * xa;
+    }
+  }
+
+  // Every (frame, head) row of a staged item (row (t, h) at p + t * ld_t + h * ld_h).
+  template <bool kTranspose>
+  TORCHNOVA_INLINE void rotate_item(acc_t* p, int64_t ld_t, int64_t ld_h, int64_t T, int64_t H) const {
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < H; ++h) rotate<kTranspose>(p + t * ld_t + h * ld_h, t);
+    }
+  }
+
+  // The T rows of one head of a gradient (row t at p + t * ld_t).
+  TORCHNOVA_INLINE void rotate_back_head(acc_t* p, int64_t ld_t, int64_t T) const {
+    for (int64_t t = 0; t < T; ++t) rotate<true>(p + t * ld_t, t);
+  }
+};
 
 // The T x H rows of temporal item (b, s): H*D contiguous elements per frame (when sh == D), S*H*D apart.
 template <typename acc_t, typename scalar_t>
@@ -212,7 +271,8 @@ struct AdditiveTile {
 
 template <typename scalar_t, typename acc_t>
 void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const acc_t* bias,
-                       const TemporalMask& mask, acc_t scale, at::Tensor& out, at::Tensor& lse) {
+                       const TemporalMask& mask, acc_t scale, const RotaryTables<acc_t>& rot, at::Tensor& out,
+                       at::Tensor& lse) {
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
   const View5<scalar_t> qv(q), kv(k), vv(v);
@@ -232,6 +292,10 @@ void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       const auto qr = item_rows<acc_t>(qv, b, s, T, H, D, qb.data());
       const auto kr = item_rows<acc_t>(kv, b, s, T, H, D, kb.data());
       const auto vr = item_rows<acc_t>(vv, b, s, T, H, D, vb.data());
+      if (rot) {  // q', k': rotated in the staging buffers
+        rot.template rotate_item<false>(qb.data(), qr.ld_t, qr.ld_h, T, H);
+        rot.template rotate_item<false>(kb.data(), kr.ld_t, kr.ld_h, T, H);
+      }
       const ItemOutput<acc_t, scalar_t> output(out_p, HD, b, s, T, S, H, D, ob.data());
       const auto& orows = output.rows;
       for (int64_t h = 0; h < H; ++h) {
@@ -249,7 +313,8 @@ void temporal_fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 template <typename scalar_t, typename acc_t>
 void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& out, const at::Tensor& lse, const acc_t* bias, const TemporalMask& mask,
-                       acc_t scale, const GradOutputs<scalar_t>& grads, acc_t* dbias) {
+                       acc_t scale, const RotaryTables<acc_t>& rot, const GradOutputs<scalar_t>& grads,
+                       acc_t* dbias) {
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3), D = q.size(4), HD = H * D;
   const int64_t Tp = cpu::round_up(T, cpu::kVectorLanes<acc_t>);
   const View5<scalar_t> qv(q), kv(k), vv(v), gv(grad_out);  // out is not read: delta from P, dP (header)
@@ -274,6 +339,10 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
         const auto kr = item_rows<acc_t>(kv, b, s, T, H, D, kb.data());
         const auto vr = item_rows<acc_t>(vv, b, s, T, H, D, vb.data());
         const auto gr = item_rows<acc_t>(gv, b, s, T, H, D, gb.data());
+        if (rot) {  // q', k' as in the forward; dq', dk' are rotated back below
+          rot.template rotate_item<false>(qb.data(), qr.ld_t, qr.ld_h, T, H);
+          rot.template rotate_item<false>(kb.data(), kr.ld_t, kr.ld_h, T, H);
+        }
         const ItemOutput<acc_t, scalar_t> dq_out(grads.dq, grads.token_stride, b, s, T, S, H, D, dqb.data());
         const ItemOutput<acc_t, scalar_t> dk_out(grads.dk, grads.token_stride, b, s, T, S, H, D, dkb.data());
         const ItemOutput<acc_t, scalar_t> dv_out(grads.dv, grads.token_stride, b, s, T, S, H, D, dvb.data());
@@ -309,6 +378,10 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
                        scale);  // dK = scale dS^T Q
           cpu::gemm<W, true>(T, D, T, dscores.data(), Tp, kr.head(h), kr.ld_t, dqr.head(h), dqr.ld_t,
                              scale);  // dQ = scale dS K
+          if (rot) {  // dq = R^T dq', dk = R^T dk', in place on the head's finished rows
+            rot.rotate_back_head(dqr.head(h), dqr.ld_t, T);
+            rot.rotate_back_head(dkr.head(h), dkr.ld_t, T);
+          }
         }
         dq_out.store();
         dk_out.store();
@@ -330,13 +403,43 @@ void temporal_bwd_impl(const at::Tensor& grad_out, const at::Tensor& q, const at
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v,
-                                                              const c10::optional<at::Tensor>& bias,
-                                                              const c10::optional<at::Tensor>& segment_ids,
-                                                              bool causal, double scale) {
-  check_qkv("temporal_attention_fwd", q, k, v);
-  check_temporal_extras("temporal_attention_fwd", q, bias, segment_ids);
+void check_rotary(const char* op, const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin) {
+  const auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == q.size(1) && cos.size(1) % 2 == 0 && cos.size(1) >= 2 &&
+                  cos.size(1) <= q.size(4),
+              op, ": rotary_cos must have shape (T, rot_dim) with T = ", q.size(1),
+              ", rot_dim even, 2 <= rot_dim <= D = ", q.size(4), ", got ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": rotary_sin must have rotary_cos's shape ", cos.sizes(), ", got ",
+              sin.sizes());
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->device().is_cpu(), op,
+                ": rotary tables must be contiguous CPU ", acc, " tensors, got ", t->scalar_type());
+  }
+}
+
+template <typename acc_t>
+RotaryTables<acc_t> rotary_tables(const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin,
+                                  bool interleaved) {
+  RotaryTables<acc_t> rot;
+  if (cos.has_value()) {
+    rot.cos = cos->data_ptr<acc_t>();
+    rot.sin = sin->data_ptr<acc_t>();
+    rot.rot_dim = cos->size(1);
+    rot.interleaved = interleaved;
+  }
+  return rot;
+}
+
+// Shared by the two forward ops (rotary_cos/sin: both given or neither).
+std::tuple<at::Tensor, at::Tensor> temporal_forward(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, const c10::optional<at::Tensor>& bias,
+                                                    const c10::optional<at::Tensor>& segment_ids, bool causal,
+                                                    double scale, const c10::optional<at::Tensor>& rotary_cos,
+                                                    const c10::optional<at::Tensor>& rotary_sin,
+                                                    bool rotary_interleaved) {
+  check_qkv(op, q, k, v);
+  check_temporal_extras(op, q, bias, segment_ids);
+  if (rotary_cos.has_value()) check_rotary(op, q, *rotary_cos, *rotary_sin);
   const auto acc = acc_type(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc));
@@ -345,18 +448,48 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cpu(const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
-    temporal_fwd_impl<scalar_t, acc_t>(q, k, v, bias_p, mask, static_cast<acc_t>(scale), out, lse);
+    const auto rot = rotary_tables<acc_t>(rotary_cos, rotary_sin, rotary_interleaved);
+    temporal_fwd_impl<scalar_t, acc_t>(q, k, v, bias_p, mask, static_cast<acc_t>(scale), rot, out, lse);
   });
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const c10::optional<at::Tensor>& bias,
+                                                              const c10::optional<at::Tensor>& segment_ids,
+                                                              bool causal, double scale) {
+  return temporal_forward("temporal_attention_fwd", q, k, v, bias, segment_ids, causal, scale, c10::nullopt,
+                          c10::nullopt, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_rotary_fwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& segment_ids, bool causal, double scale, const at::Tensor& rotary_cos,
+    const at::Tensor& rotary_sin, bool rotary_interleaved) {
+  return temporal_forward("temporal_attention_rotary_fwd", q, k, v, bias, segment_ids, causal, scale, rotary_cos,
+                          rotary_sin, rotary_interleaved);
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_rotary_qkvpacked_fwd_cpu(
+    const at::Tensor& qkv, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, bool rotary_interleaved) {
+  const auto [q, k, v] = unpack_qkv("temporal_attention_rotary_qkvpacked_fwd", qkv);
+  return temporal_forward("temporal_attention_rotary_qkvpacked_fwd", q, k, v, bias, segment_ids, causal, scale,
+                          rotary_cos, rotary_sin, rotary_interleaved);
 }
 
 // Shared by the two backward ops: checks, the gradient tensors (three, or one packed dqkv), the kernel.
 GradTensors temporal_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
-                              bool causal, double scale, bool needs_bias_grad, bool packed, at::Tensor& dbias) {
+                              bool causal, double scale, bool needs_bias_grad, bool packed, at::Tensor& dbias,
+                              const c10::optional<at::Tensor>& rotary_cos = c10::nullopt,
+                              const c10::optional<at::Tensor>& rotary_sin = c10::nullopt,
+                              bool rotary_interleaved = false) {
   check_qkv(op, q, k, v);
   check_temporal_extras(op, q, bias, segment_ids);
+  if (rotary_cos.has_value()) check_rotary(op, q, *rotary_cos, *rotary_sin);
   check_bwd_inputs(op, grad_out, q, out, lse);
   const auto acc = acc_type(q.scalar_type());
   const at::Tensor lse_c = lse.contiguous();
@@ -368,7 +501,8 @@ GradTensors temporal_backward(const char* op, const at::Tensor& grad_out, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "temporal_attention_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const acc_t* bias_p = bias.has_value() ? bias->data_ptr<acc_t>() : nullptr;
-    temporal_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, bias_p, mask, static_cast<acc_t>(scale),
+    const auto rot = rotary_tables<acc_t>(rotary_cos, rotary_sin, rotary_interleaved);
+    temporal_bwd_impl<scalar_t, acc_t>(grad_out, q, k, v, out, lse_c, bias_p, mask, static_cast<acc_t>(scale), rot,
                                        grads.outputs<scalar_t>(), needs_bias_grad ? dbias.data_ptr<acc_t>() : nullptr);
   });
   return grads;
@@ -396,9 +530,38 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_qkvpacked_bwd_cpu(
   return {g.dqkv, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_rotary_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, bool rotary_interleaved,
+    bool needs_bias_grad, bool /*deterministic*/) {
+  at::Tensor dbias;
+  GradTensors g = temporal_backward("temporal_attention_rotary_bwd", grad_out, q, k, v, out, lse, bias, segment_ids,
+                                    causal, scale, needs_bias_grad, /*packed=*/false, dbias, rotary_cos, rotary_sin,
+                                    rotary_interleaved);
+  return {g.dq, g.dk, g.dv, dbias};
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_rotary_qkvpacked_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& segment_ids, bool causal, double scale,
+    const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, bool rotary_interleaved, bool needs_bias_grad,
+    bool /*deterministic*/) {
+  const auto [q, k, v] = unpack_qkv("temporal_attention_rotary_qkvpacked_bwd", qkv);
+  at::Tensor dbias;
+  GradTensors g = temporal_backward("temporal_attention_rotary_qkvpacked_bwd", grad_out, q, k, v, out, lse, bias,
+                                    segment_ids, causal, scale, needs_bias_grad, /*packed=*/true, dbias, rotary_cos,
+                                    rotary_sin, rotary_interleaved);
+  return {g.dqkv, dbias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torchnova, CPU, m) {
+  m.impl("temporal_attention_rotary_fwd", &temporal_attention_rotary_fwd_cpu);
+  m.impl("temporal_attention_rotary_bwd", &temporal_attention_rotary_bwd_cpu);
+  m.impl("temporal_attention_rotary_qkvpacked_fwd", &temporal_attention_rotary_qkvpacked_fwd_cpu);
+  m.impl("temporal_attention_rotary_qkvpacked_bwd", &temporal_attention_rotary_qkvpacked_bwd_cpu);
   m.impl("temporal_attention_fwd", &temporal_attention_fwd_cpu);
   m.impl("temporal_attention_bwd", &temporal_attention_bwd_cpu);
   m.impl("temporal_attention_qkvpacked_bwd", &temporal_attention_qkvpacked_bwd_cpu);

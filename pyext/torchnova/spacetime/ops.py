@@ -1,7 +1,8 @@
 """Factorized space-time attention ops: validation, backend selection, torch.library registration.
 
     spatial_attention(q, k, v, *, scale=None, backend="auto")
-    temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
+    temporal_attention(q, k, v, *, bias=None, segment_ids=None, causal=False, scale=None, rotary=None,
+                       rotary_interleaved=False, backend="auto")
 
     temporal_attention_qkvpacked(qkv, *, bias=None, segment_ids=None, causal=False, scale=None, backend="auto")
     spatial_attention_qkvpacked(qkv, *, scale=None, backend="auto")
@@ -17,6 +18,11 @@ TRITON_INTERPRET=1, for tests), ``reference``. ``cuda`` and ``cpp`` call the sam
 (csrc/spacetime_ops.cpp), dispatched by device; ``triton`` calls the ``*_triton`` ops of the same signatures
 (triton_kernels.py). All return (out, lse) and the backward recomputes the probabilities from lse. The bias
 gradient is reduced in a fixed order and the spatial backward uses no atomics (bit-identical across runs).
+
+Rotary position embedding (``rotary=(cos, sin)``, temporal ops): the ``temporal_attention_rotary_*`` ops (the
+temporal ones plus the tables and the pair layout) rotate q and k inside the kernels (cpp, triton); the CUDA
+kernels do not implement it yet, so ``auto`` skips ``cuda`` for rotary inputs (its reasons say so). The kernels
+give no gradient to the tables: tables that require grad (a learned rotary frequency) go to the reference.
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ def _cuda_reasons(q, **_):
     return why + _backend.compute_capability_reasons(q.device, (8, 0))
 
 
+def _rotary_kernel_reasons(rotary_cos=None, rotary_sin=None, **_):
+    """The kernels rotate q and k but give the tables no gradient: tables that need one go to the reference."""
+    if rotary_cos is None or not torch.is_grad_enabled():
+        return []
+    if rotary_cos.requires_grad or rotary_sin.requires_grad:
+        return ["rotary tables require grad (the kernels give them no gradient; the reference does)"]
+    return []
+
+
+def _cpp_temporal_reasons(q, **inputs):
+    why = _cpp_reasons(q, **inputs) + _rotary_kernel_reasons(**inputs)
+    if inputs.get("rotary_cos") is not None and _ext.HAS_CPP and not HAS_NATIVE_ROTARY:
+        why.append("rotary: the C++ extension was built without the rotary ops (rebuild it)")
+    return why
+
+
 def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
     why = _cuda_reasons(q, **inputs)
     if why:
@@ -72,6 +94,8 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
 
 def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
     why = _cuda_reasons(q, **inputs)
+    if inputs.get("rotary_cos") is not None:
+        why.append("rotary: the CUDA kernels do not implement rotary position embedding yet (cpp, triton do)")
     T = int(q.shape[1])
     if T > CUDA_MAX_FRAMES:
         why.append(f"T={T} frames > {CUDA_MAX_FRAMES}")
@@ -116,7 +140,7 @@ def _triton_temporal_reasons(q, **inputs):
     if not why:  # whole T x D tiles on chip: the forward's and the backward's must fit the shared memory
         shared = triton_kernels.temporal_shared_memory_reason(T, q.shape[-1], q.dtype, q.device)
         why += [shared] if shared else []
-    return why
+    return why + _rotary_kernel_reasons(**inputs)
 
 
 def _reference_reasons(q, **_):
@@ -125,12 +149,12 @@ def _reference_reasons(q, **_):
 
 # Priority for "auto": cpp comes before triton because cpp runs only on CPU tensors, where Triton could only run
 # in its (slow) interpreter; on a GPU the order is cuda, triton.
-for _op, _cuda, _triton in (
-    ("temporal_attention", _cuda_temporal_reasons, _triton_temporal_reasons),
-    ("spatial_attention", _cuda_spatial_reasons, _triton_spatial_reasons),
+for _op, _cuda, _cpp, _triton in (
+    ("temporal_attention", _cuda_temporal_reasons, _cpp_temporal_reasons, _triton_temporal_reasons),
+    ("spatial_attention", _cuda_spatial_reasons, _cpp_reasons, _triton_spatial_reasons),
 ):
     _backend.register(_op, "cuda", _cuda)
-    _backend.register(_op, "cpp", _cpp_reasons)
+    _backend.register(_op, "cpp", _cpp)
     _backend.register(_op, "triton", _triton)
     _backend.register(_op, "reference", _reference_reasons)
 
@@ -260,6 +284,68 @@ def _make_spatial_packed_backward(bwd_op):
     return backward
 
 
+def _rotary_fwd_fake(q, k, v, bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved):
+    return _outputs_like(q)
+
+
+def _rotary_bwd_fake(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, rotary_cos, rotary_sin,
+                     rotary_interleaved, needs_bias_grad, deterministic):  # fmt: skip
+    return _temporal_bwd_fake(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad,
+                              deterministic)  # fmt: skip
+
+
+def _rotary_setup(ctx, inputs, output):
+    q, k, v, bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved = inputs
+    out, lse = output
+    ctx.causal, ctx.scale, ctx.interleaved = causal, scale, rotary_interleaved
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(q, k, v, out, lse, bias, segment_ids, rotary_cos, rotary_sin)
+
+
+def _make_rotary_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, bias, segment_ids, rotary_cos, rotary_sin = ctx.saved_tensors
+        needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = bwd_op(
+            grad_out.contiguous(), q, k, v, out, lse, bias, segment_ids, ctx.causal, ctx.scale, rotary_cos,
+            rotary_sin, ctx.interleaved, needs_bias_grad, torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        return dq, dk, dv, (dbias if needs_bias_grad else None), None, None, None, None, None, None
+
+    return backward
+
+
+def _rotary_packed_fwd_fake(qkv, bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved):
+    return _outputs_like(qkv.select(3, 0))
+
+
+def _rotary_packed_bwd_fake(grad_out, qkv, out, lse, bias, segment_ids, causal, scale, rotary_cos, rotary_sin,
+                            rotary_interleaved, needs_bias_grad, deterministic):  # fmt: skip
+    return _temporal_packed_bwd_fake(grad_out, qkv, out, lse, bias, segment_ids, causal, scale, needs_bias_grad,
+                                     deterministic)  # fmt: skip
+
+
+def _rotary_packed_setup(ctx, inputs, output):
+    qkv, bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved = inputs
+    out, lse = output
+    ctx.causal, ctx.scale, ctx.interleaved = causal, scale, rotary_interleaved
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(qkv, out, lse, bias, segment_ids, rotary_cos, rotary_sin)
+
+
+def _make_rotary_packed_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        qkv, out, lse, bias, segment_ids, rotary_cos, rotary_sin = ctx.saved_tensors
+        needs_bias_grad = ctx.has_bias and ctx.needs_input_grad[1]
+        dqkv, dbias = bwd_op(
+            grad_out.contiguous(), qkv, out, lse, bias, segment_ids, ctx.causal, ctx.scale, rotary_cos, rotary_sin,
+            ctx.interleaved, needs_bias_grad, torch.are_deterministic_algorithms_enabled(),
+        )  # fmt: skip
+        return dqkv, (dbias if needs_bias_grad else None), None, None, None, None, None, None
+
+    return backward
+
+
 # op (the name before _fwd / _bwd): (forward fake, backward fake, make_backward(bwd_op), setup_context)
 _FWD_BWD_REGISTRATION = {
     "temporal_attention": (_temporal_fwd_fake, _temporal_bwd_fake, _make_temporal_backward, _temporal_setup),
@@ -269,6 +355,10 @@ _FWD_BWD_REGISTRATION = {
     ),
     "spatial_attention_qkvpacked": (
         _spatial_packed_fwd_fake, _spatial_packed_bwd_fake, _make_spatial_packed_backward, _spatial_packed_setup
+    ),
+    "temporal_attention_rotary": (_rotary_fwd_fake, _rotary_bwd_fake, _make_rotary_backward, _rotary_setup),
+    "temporal_attention_rotary_qkvpacked": (
+        _rotary_packed_fwd_fake, _rotary_packed_bwd_fake, _make_rotary_packed_backward, _rotary_packed_setup
     ),
 }  # fmt: skip
 
@@ -285,13 +375,27 @@ def _register(op: str, suffix: str = "") -> None:
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
+def _has_native_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.torchnova, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+# An extension built from older sources (before the rotary ops) still imports; its cpp backend then says why it
+# cannot run rotary inputs instead of torchnova failing to import.
+HAS_NATIVE_ROTARY = _ext.HAS_CPP and _has_native_op("temporal_attention_rotary_fwd")
+
 if _ext.HAS_CPP:
     for _op in _FWD_BWD_REGISTRATION:
-        _register(_op)
+        if "rotary" not in _op or HAS_NATIVE_ROTARY:
+            _register(_op)
 
-if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation)
+if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation); no rotary there
     for _op in _FWD_BWD_REGISTRATION:
-        _register(_op, "_cuda_emu")
+        if "rotary" not in _op:
+            _register(_op, "_cuda_emu")
 
 if triton_kernels.HAS_TRITON:
     for _op in _FWD_BWD_REGISTRATION:
@@ -354,6 +458,32 @@ def _validate_temporal_extras(q, bias, segment_ids, causal) -> None:
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
 
 
+def _validate_rotary(op: str, q, rotary, rotary_interleaved):
+    """(cos, sin) of ``rotary`` after checking them against q (B, T, S, H, D), or None."""
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"{op}: rotary_interleaved must be a bool, got {type(rotary_interleaved).__name__}")
+    if rotary is None:
+        return None
+    if not isinstance(rotary, (tuple, list)) or len(rotary) != 2:
+        raise TypeError(f"{op}: rotary must be a (cos, sin) pair of tensors of shape (T, rot_dim), got {rotary!r}")
+    cos, sin = rotary
+    T, D = q.shape[1], q.shape[4]
+    for name, x in (("cos", cos), ("sin", sin)):
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"{op}: rotary {name} must be a floating-point tensor of shape (T, rot_dim), got {got}")
+        if x.dim() != 2 or x.shape[0] != T:
+            raise ValueError(f"{op}: rotary {name} must have shape (T, rot_dim) with T={T}, got {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{op}: rotary {name} must be on q's device {q.device}, got {x.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"{op}: rotary sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    rot_dim = cos.shape[1]
+    if rot_dim < 2 or rot_dim % 2 or rot_dim > D:
+        raise ValueError(f"{op}: rotary rot_dim (the tables' last dim) must be even and in [2, D={D}], got {rot_dim}")
+    return cos, sin
+
+
 def _unpack_qkv(op: str, qkv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v (views) of a packed (B, T, S, 3, H, D) qkv, after checking it."""
     if not isinstance(qkv, torch.Tensor):
@@ -392,6 +522,8 @@ def temporal_attention(
     segment_ids: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotary_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention across the T frames at every (batch, spatial token, head) of (B, T, S, H, D) tensors.
@@ -404,12 +536,23 @@ def temporal_attention(
             image-video training: video frames share an id, every appended image has its own).
         causal: keys after the query are invisible. Combines with segment_ids; the diagonal stays visible.
         scale: score scale, default D ** -0.5.
+        rotary: optional (cos, sin), each (T, rot_dim) with rot_dim even and <= D: rotary position embedding
+            applied to q and k inside the kernel, before the scores, on their first rot_dim head dims (the rest
+            pass through): x' = x * cos[t] + rotate_half(x) * sin[t]. The full-width tables that
+            rotary-embedding-torch (``freqs.cos()``, ``freqs.sin()``) and HF (``cos``, ``sin``) build; for
+            flash-attn's (T, rot_dim / 2) tables pass ``cos.repeat_interleave(2, -1)`` (interleaved) or
+            ``torch.cat([cos, cos], -1)`` (half-split). q and k get their gradients; the tables get none from
+            the kernels (tables that require grad run on the reference backend, which differentiates them).
+        rotary_interleaved: pair layout of ``rotary``: True pairs dims (2i, 2i+1) (rotary-embedding-torch, used
+            by video-diffusion-pytorch); False (default, as flash-attn and HF) pairs (i, i + rot_dim / 2).
         backend: "auto", "cuda", "triton", "cpp" or "reference" (``TORCHNOVA_BACKEND`` overrides "auto").
 
     Returns:
         (B, T, S, H, D) in q's dtype; softmax in fp32 (fp64 for fp64 inputs).
     """
-    return _temporal(q, k, v, None, bias, segment_ids, causal, scale, backend, "temporal_attention")
+    return _temporal(
+        q, k, v, None, bias, segment_ids, causal, scale, rotary, rotary_interleaved, backend, "temporal_attention"
+    )  # fmt: skip
 
 
 def temporal_attention_qkvpacked(
@@ -419,26 +562,48 @@ def temporal_attention_qkvpacked(
     segment_ids: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rotary_interleaved: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``temporal_attention(*qkv.unbind(3), ...)`` for a packed qkv (B, T, S, 3, H, D), e.g. one fused projection
     viewed as ``(B, T, S, 3, H, D)``. Same result; the backward produces qkv's gradient as one tensor instead of
     autograd stacking three (flash-attn's ``flash_attn_qkvpacked_func``). Arguments as ``temporal_attention``."""
     q, k, v = _unpack_qkv("temporal_attention_qkvpacked", qkv)
-    return _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, backend, "temporal_attention_qkvpacked")
+    return _temporal(
+        q, k, v, qkv, bias, segment_ids, causal, scale, rotary, rotary_interleaved, backend,
+        "temporal_attention_qkvpacked",
+    )  # fmt: skip
 
 
-def _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, backend, op):
+def _temporal(q, k, v, qkv, bias, segment_ids, causal, scale, rotary, rotary_interleaved, backend, op):
     """Both temporal entry points: validation, backend selection, the op (the packed one when qkv is given)."""
     scale = _validate_qkv(op, q, k, v, scale)
     _validate_temporal_extras(q, bias, segment_ids, causal)
-    name = _backend.select("temporal_attention", backend, q=q, k=k, v=v, bias=bias, segment_ids=segment_ids)
+    rotary = _validate_rotary(op, q, rotary, rotary_interleaved)
+    cos, sin = rotary if rotary is not None else (None, None)
+    name = _backend.select(
+        "temporal_attention", backend, q=q, k=k, v=v, bias=bias, segment_ids=segment_ids, rotary_cos=cos,
+        rotary_sin=sin,
+    )  # fmt: skip
     if name == "reference":
-        return temporal_attention_ref(q, k, v, bias=bias, segment_ids=segment_ids, causal=causal, scale=scale)
+        return temporal_attention_ref(
+            q, k, v, bias=bias, segment_ids=segment_ids, causal=causal, scale=scale, rotary=rotary,
+            rotary_interleaved=rotary_interleaved,
+        )  # fmt: skip
     acc = accumulation_dtype(q.dtype)
     bias_acc = bias.to(acc).contiguous() if bias is not None else None
     segments = segment_ids.to(torch.int64).contiguous() if segment_ids is not None else None
     suffix = "_triton" if name == "triton" else _backend.cuda_op_suffix(q.device) if name == "cuda" else ""
+    if rotary is not None:
+        tables = (cos.detach().to(acc).contiguous(), sin.detach().to(acc).contiguous(), rotary_interleaved)
+        if qkv is not None:
+            fwd = getattr(torch.ops.torchnova, f"temporal_attention_rotary_qkvpacked_fwd{suffix}")
+            out, _ = fwd(_last_dim_contiguous(qkv), bias_acc, segments, causal, scale, *tables)
+        else:
+            fwd = getattr(torch.ops.torchnova, f"temporal_attention_rotary_fwd{suffix}")
+            out, _ = fwd(*(_last_dim_contiguous(x) for x in (q, k, v)), bias_acc, segments, causal, scale, *tables)
+        return out
     if qkv is not None:
         fwd = getattr(torch.ops.torchnova, f"temporal_attention_qkvpacked_fwd{suffix}")
         out, _ = fwd(_last_dim_contiguous(qkv), bias_acc, segments, causal, scale)

@@ -7,6 +7,12 @@ temporal: for every (b, s, h), attention over the T frames
                    segment_ids[b, i] == segment_ids[b, j] and (not causal or j <= i)
 spatial: for every (b, t, h), attention over the S tokens of the frame, no mask, no bias.
 
+rotary (temporal only, optional): q and k are first rotated, on their first rot_dim head dims, by
+    x' = x o cos[t] + rotate_half(x) o sin[t]          cos, sin: (T, rot_dim)
+with rotate_half pairing (2i, 2i+1) -> (-x_{2i+1}, x_{2i}) when interleaved (rotary-embedding-torch) or
+(i, i + rot_dim/2) -> (-x_{i+r/2}, x_i) (GPT-NeoX / HF); the other dims pass through. Autograd differentiates
+everything here, the tables included.
+
 Softmax in fp32 (fp64 for fp64 inputs), masked scores at -inf; the diagonal is always visible, so no row is
 empty. Output in the input dtype. ``relative_position_buckets`` is the T5 bucketing of lucidrains'
 video-diffusion-pytorch ``RelativePositionBias`` (VDM's Unet3D: 32 buckets, max_distance 32), as integers.
@@ -75,15 +81,41 @@ def _attention(q, k, v, scale, bias=None, visible=None):
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
-def temporal_attention_ref(q, k, v, bias=None, segment_ids=None, causal=False, scale=None):
+def rotate_half(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """(..., r) -> (..., r): pairs (2i, 2i+1) -> (-x_{2i+1}, x_{2i}) when interleaved, else halves (-x2, x1)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((-x2, x1), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x (B, T, S, H, D) rotated on its first rot_dim dims by cos, sin (T, rot_dim), in x's dtype."""
+    r = cos.shape[-1]
+    cos = cos.to(x.dtype)[None, :, None, None, :]
+    sin = sin.to(x.dtype)[None, :, None, None, :]
+    head, tail = x[..., :r], x[..., r:]
+    return torch.cat((head * cos + rotate_half(head, interleaved) * sin, tail), dim=-1)
+
+
+def temporal_attention_ref(q, k, v, bias=None, segment_ids=None, causal=False, scale=None, rotary=None,
+                           rotary_interleaved=False):  # fmt: skip
     B, T, S, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
+    dtype = q.dtype
+    if rotary is not None:  # rotate in the accumulation dtype, as the kernels do
+        acc = accumulation_dtype(dtype)
+        cos, sin = rotary
+        q = apply_rotary_ref(q.to(acc), cos, sin, rotary_interleaved)
+        k = apply_rotary_ref(k.to(acc), cos, sin, rotary_interleaved)
+        v = v.to(acc)
     to_problems = lambda x: x.permute(0, 2, 3, 1, 4)  # (B, S, H, T, D)  # noqa: E731
     visible = temporal_visibility(T, segment_ids, causal, q.device)
     if visible is not None:
         visible = visible[:, None, None]  # (B or 1, 1, 1, T, T)
     out = _attention(to_problems(q), to_problems(k), to_problems(v), scale, bias, visible)
-    return out.permute(0, 3, 1, 2, 4)
+    return out.permute(0, 3, 1, 2, 4).to(dtype)
 
 
 def spatial_attention_ref(q, k, v, scale=None):

@@ -20,6 +20,14 @@ Shared memory (temporal_config): whole tiles, so the shared memory (layout-conve
 T_PAD·D_PAD; where the forward's or the backward's tiles exceed the device's limit per block (fp32 at
 T_PAD·D_PAD >= 64·128 on the 99 KB cards, 64·256 on A100 / H100), the op's reasons exclude the triton backend
 for those inputs and ``auto`` moves on (cuda, or reference).
+Rotary (ROTARY, the temporal_attention_rotary_* ops): cos, sin (T, rot_dim) fp32. With p(d) the partner of dim d
+((2i, 2i+1) when INTERLEAVED, else (i, i + rot_dim/2); p(d) = d past rot_dim) and sgn(d) = -1 for the first of
+a pair, +1 for the second, each program loads once the (T_PAD, D_PAD) tiles c[t, d] = cos[t, d] (1 past
+rot_dim) and z[t, d] = sgn(d)·sin[t, d] (0 past rot_dim), and the same at p(d): c_p, z_p. Per problem it loads
+q and q_p = q[:, p(d)] (a second, permuted load) and uses q' = c∘q + z∘q_p (k likewise; in fp32, then q's dtype).
+Backward: the gradient of x is the transpose map dx = c∘dx' + z_p∘dx'_p, and dx'_p = dx'[:, p(d)] comes from one
+more dot with the permuted operand, x'_p = c_p∘x_p + z_p∘x (e.g. dq'_p = scale·dS K'_p): 2 extra dots, no
+register shuffles. Exact for any tables; the tables get no gradient.
 
 Spatial attention: FlashAttention-2 over the S tokens of a frame.
 Layout (B, T, S, H, D); one problem per (b, t, h), a sequence over the S tokens of frame t, no mask, no bias:
@@ -71,6 +79,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "HAS_TRITON", "temporal_attention_fwd_triton", "temporal_attention_bwd_triton", "BLOCK_P",
+    "temporal_attention_rotary_fwd_triton", "temporal_attention_rotary_bwd_triton",
     "spatial_attention_fwd_triton", "spatial_attention_bwd_triton", "spatial_grid", "spatial_config",
 ]  # fmt: skip
 
@@ -110,6 +119,41 @@ if HAS_TRITON:
         return q, k, v, tile_mask
 
     @triton.jit
+    def _rotary_table(cos_ptr, sin_ptr, T, rot_dim, cols, INTERLEAVED: tl.constexpr, T_PAD: tl.constexpr):
+        """(cos, sgn·sin) at columns ``cols`` (1, D_PAD) of every frame: (T_PAD, D_PAD) fp32, 1 and 0 outside."""
+        rows = tl.arange(0, T_PAD)[:, None]
+        inside = (rows < T) & (cols < rot_dim)
+        if INTERLEAVED:
+            first = (cols % 2) == 0
+        else:
+            first = cols < rot_dim // 2
+        cos = tl.load(cos_ptr + rows * rot_dim + cols, mask=inside, other=1.0)
+        sin = tl.load(sin_ptr + rows * rot_dim + cols, mask=inside, other=0.0)
+        return cos, tl.where(first, -sin, sin)
+
+    @triton.jit
+    def _rotary_tables(cos_ptr, sin_ptr, T, rot_dim, INTERLEAVED: tl.constexpr, T_PAD: tl.constexpr,
+                       D_PAD: tl.constexpr):  # fmt: skip
+        """partner p(d) (1, D_PAD) and the tiles c, z, c_p, z_p of the file header."""
+        cols = tl.arange(0, D_PAD)[None, :]
+        if INTERLEAVED:
+            partner = cols ^ 1
+        else:
+            half = rot_dim // 2
+            partner = tl.where(cols < half, cols + half, cols - half)
+        partner = tl.where(cols < rot_dim, partner, cols)
+        c, z = _rotary_table(cos_ptr, sin_ptr, T, rot_dim, cols, INTERLEAVED, T_PAD)
+        c_p, z_p = _rotary_table(cos_ptr, sin_ptr, T, rot_dim, partner, INTERLEAVED, T_PAD)
+        return partner, c, z, c_p, z_p
+
+    @triton.jit
+    def _load_partner(ptr, b, s, h, T, D, sb, st, ss, sh, partner, T_PAD: tl.constexpr):
+        """x[:, p(d)] of problem (b, s, h): the (T_PAD, D_PAD) tile with permuted columns, zero outside (T, D)."""
+        rows = tl.arange(0, T_PAD)[:, None]
+        offs = b * sb + s * ss + h * sh + rows * st + partner
+        return tl.load(ptr + offs, mask=(rows < T) & (partner < D), other=0.0)
+
+    @triton.jit
     def _visible(seg_ptr, b, T, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, T_PAD: tl.constexpr):
         i = tl.arange(0, T_PAD)[:, None]
         j = tl.arange(0, T_PAD)[None, :]
@@ -138,9 +182,11 @@ if HAS_TRITON:
         seg_ptr,  # (B, T) int64 contiguous, or a dummy
         out_ptr,  # (B, T, S, H, D) contiguous, q's dtype
         lse_ptr,  # (B, T, S, H) fp32 contiguous
-        B, T, S, H, D, scale,
+        cos_ptr, sin_ptr,  # (T, rot_dim) fp32 contiguous, or dummies when ROTARY is false
+        B, T, S, H, D, scale, rot_dim,
         HAS_BIAS: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_P: tl.constexpr, T_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        ROTARY: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
     ):  # fmt: skip
         h = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -149,6 +195,8 @@ if HAS_TRITON:
         bias_tile = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + h * T * T + i * T + j, mask=(i < T) & (j < T), other=0.0)
+        if ROTARY:
+            partner, rc, rz, rc_p, rz_p = _rotary_tables(cos_ptr, sin_ptr, T, rot_dim, INTERLEAVED, T_PAD, D_PAD)
         for n in range(BLOCK_P):
             problem = chunk * BLOCK_P + n
             if problem < B * S:
@@ -158,6 +206,11 @@ if HAS_TRITON:
                     q_ptr, k_ptr, v_ptr, qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
                     b, s, h, T, D, T_PAD, D_PAD,
                 )  # fmt: skip
+                if ROTARY:  # q' = c q + z q_p, k' likewise (file header)
+                    q_p = _load_partner(q_ptr, b, s, h, T, D, qsb, qst, qss, qsh, partner, T_PAD)
+                    k_p = _load_partner(k_ptr, b, s, h, T, D, ksb, kst, kss, ksh, partner, T_PAD)
+                    q = (rc * q.to(tl.float32) + rz * q_p.to(tl.float32)).to(q_p.dtype)
+                    k = (rc * k.to(tl.float32) + rz * k_p.to(tl.float32)).to(k_p.dtype)
                 visible = _visible(seg_ptr, b, T, HAS_SEG, CAUSAL, T_PAD)
                 scores = _scores(q, k, bias_tile, visible, scale, IEEE)
                 row_max = tl.max(scores, axis=1)
@@ -183,9 +236,11 @@ if HAS_TRITON:
         seg_ptr,  # (B, T) int64 contiguous, or a dummy
         dq_ptr, dk_ptr, dv_ptr,  # (B, T, S, H, D) q's dtype, token stride gts (H·D, or 3·H·D in a packed dqkv)
         dbias_ws_ptr,  # (H, chunks, T_PAD, T_PAD) fp32 workspace, or a dummy
-        B, T, S, H, D, scale, chunks, gts,
+        cos_ptr, sin_ptr,  # (T, rot_dim) fp32 contiguous, or dummies when ROTARY is false
+        B, T, S, H, D, scale, chunks, gts, rot_dim,
         HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_SEG: tl.constexpr, CAUSAL: tl.constexpr,
         IEEE: tl.constexpr, BLOCK_P: tl.constexpr, T_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        ROTARY: tl.constexpr = False, INTERLEAVED: tl.constexpr = False,
     ):  # fmt: skip
         h = tl.program_id(0)
         chunk = tl.program_id(1)
@@ -196,6 +251,8 @@ if HAS_TRITON:
         if HAS_BIAS:
             bias_tile = tl.load(bias_ptr + h * T * T + i * T + j, mask=(i < T) & (j < T), other=0.0)
         dbias_acc = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
+        if ROTARY:
+            partner, rc, rz, rc_p, rz_p = _rotary_tables(cos_ptr, sin_ptr, T, rot_dim, INTERLEAVED, T_PAD, D_PAD)
         for n in range(BLOCK_P):
             problem = chunk * BLOCK_P + n
             if problem < B * S:
@@ -205,6 +262,14 @@ if HAS_TRITON:
                     q_ptr, k_ptr, v_ptr, qsb, qst, qss, qsh, ksb, kst, kss, ksh, vsb, vst, vss, vsh,
                     b, s, h, T, D, T_PAD, D_PAD,
                 )  # fmt: skip
+                if ROTARY:  # q', k' and their partner-permuted copies q'_p, k'_p (file header)
+                    q_p = _load_partner(q_ptr, b, s, h, T, D, qsb, qst, qss, qsh, partner, T_PAD).to(tl.float32)
+                    k_p = _load_partner(k_ptr, b, s, h, T, D, ksb, kst, kss, ksh, partner, T_PAD).to(tl.float32)
+                    q32, k32 = q.to(tl.float32), k.to(tl.float32)
+                    q_rot_p = (rc_p * q_p + rz_p * q32).to(q.dtype)
+                    k_rot_p = (rc_p * k_p + rz_p * k32).to(k.dtype)
+                    q = (rc * q32 + rz * q_p).to(q.dtype)
+                    k = (rc * k32 + rz * k_p).to(k.dtype)
                 c_offs, _ = _tile_offsets(b, s, h, T, D, T * S * H * D, S * H * D, H * D, D, T_PAD, D_PAD)
                 do = tl.load(grad_out_ptr + c_offs, mask=tile_mask, other=0.0)
                 o = tl.load(out_ptr + c_offs, mask=tile_mask, other=0.0)
@@ -227,6 +292,15 @@ if HAS_TRITON:
                 else:
                     dq = tl.dot(ds.to(k.dtype), k) * scale
                     dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale
+                if ROTARY:  # dx = c dx' + z_p dx'_p, with dx'_p from the permuted operands
+                    if IEEE:
+                        dq_p = tl.dot(ds, k_rot_p.to(tl.float32), input_precision="ieee") * scale
+                        dk_p = tl.dot(tl.trans(ds), q_rot_p.to(tl.float32), input_precision="ieee") * scale
+                    else:
+                        dq_p = tl.dot(ds.to(k.dtype), k_rot_p) * scale
+                        dk_p = tl.dot(tl.trans(ds.to(q.dtype)), q_rot_p) * scale
+                    dq = rc * dq + rz_p * dq_p
+                    dk = rc * dk + rz_p * dk_p
                 g_offs, _ = _tile_offsets(b, s, h, T, D, T * S * gts, S * gts, gts, D, T_PAD, D_PAD)
                 tl.store(dq_ptr + g_offs, dq.to(dq_ptr.dtype.element_ty), mask=tile_mask)
                 tl.store(dk_ptr + g_offs, dk.to(dk_ptr.dtype.element_ty), mask=tile_mask)
@@ -328,6 +402,13 @@ def _dummy(device) -> Tensor:
 def temporal_attention_fwd_triton(
     q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor], causal: bool, scale: float
 ) -> Tuple[Tensor, Tensor]:
+    return _temporal_fwd(q, k, v, bias, segment_ids, causal, scale, None, None, False)
+
+
+def _temporal_fwd(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor], causal: bool,
+    scale: float, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor], rotary_interleaved: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
     _check(q, k, v)
     B, T, S, H, D = q.shape
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -341,11 +422,29 @@ def temporal_attention_fwd_triton(
         q, k, v, *q.stride()[:4], *k.stride()[:4], *v.stride()[:4],
         bias if bias is not None else _dummy(q.device),
         segment_ids if segment_ids is not None else _dummy(q.device),
-        out, lse, B, T, S, H, D, scale,
+        out, lse, *_rotary_args(q, rotary_cos, rotary_sin), B, T, S, H, D, scale,
+        rotary_cos.shape[1] if rotary_cos is not None else 0,
         HAS_BIAS=bias is not None, HAS_SEG=segment_ids is not None, CAUSAL=causal, IEEE=q.dtype == torch.float32,
-        BLOCK_P=BLOCK_P, T_PAD=cfg.t_pad, D_PAD=cfg.d_pad, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_P=BLOCK_P, T_PAD=cfg.t_pad, D_PAD=cfg.d_pad, ROTARY=rotary_cos is not None,
+        INTERLEAVED=rotary_interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
+
+
+def _rotary_args(q: Tensor, rotary_cos: Optional[Tensor], rotary_sin: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    if rotary_cos is None:
+        return _dummy(q.device), _dummy(q.device)
+    T, D = q.shape[1], q.shape[4]
+    rot_dim = rotary_cos.shape[-1]
+    for name, x in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        if tuple(x.shape) != (T, rot_dim) or x.dtype != torch.float32 or not x.is_contiguous():
+            raise ValueError(
+                f"temporal_attention triton backend: {name} must be contiguous float32 (T, rot_dim) = ({T}, "
+                f"{rot_dim}), got {x.dtype} {tuple(x.shape)}"
+            )
+    if rot_dim % 2 or not 2 <= rot_dim <= D:
+        raise ValueError(f"temporal_attention triton backend: rot_dim must be even and in [2, D={D}], got {rot_dim}")
+    return rotary_cos, rotary_sin
 
 
 def _grad_tensors(q: Tensor, packed: bool) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
@@ -361,6 +460,7 @@ def _grad_tensors(q: Tensor, packed: bool) -> Tuple[Optional[Tensor], Tensor, Te
 def _temporal_bwd(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
     segment_ids: Optional[Tensor], causal: bool, scale: float, needs_bias_grad: bool, packed: bool,
+    rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False,
 ) -> Tuple[Optional[Tensor], Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """(dqkv or None, dq, dk, dv, dbias) of the temporal backward; see _grad_tensors."""
     _check(q, k, v)
@@ -385,10 +485,11 @@ def _temporal_bwd(
         grad_out, out, lse.contiguous(),
         bias if bias is not None else _dummy(q.device),
         segment_ids if segment_ids is not None else _dummy(q.device),
-        dq, dk, dv, workspace, B, T, S, H, D, scale, chunks, dq.stride(2),
+        dq, dk, dv, workspace, *_rotary_args(q, rotary_cos, rotary_sin), B, T, S, H, D, scale, chunks, dq.stride(2),
+        rotary_cos.shape[1] if rotary_cos is not None else 0,
         HAS_BIAS=bias is not None, BIAS_GRAD=needs_bias_grad, HAS_SEG=segment_ids is not None, CAUSAL=causal,
-        IEEE=q.dtype == torch.float32, BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=cfg.d_pad,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=q.dtype == torch.float32, BLOCK_P=BLOCK_P, T_PAD=T_PAD, D_PAD=cfg.d_pad, ROTARY=rotary_cos is not None,
+        INTERLEAVED=rotary_interleaved, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if needs_bias_grad:  # the per-program partial sums, added in a fixed order: deterministic
         dbias = workspace.sum(dim=1)[:, :T, :T].to(acc).contiguous()
@@ -421,6 +522,48 @@ def temporal_attention_qkvpacked_bwd_triton(
     """(dqkv (B, T, S, 3, H, D) contiguous, dbias): the kernel writes the three gradients into one tensor."""
     dqkv, _, _, _, dbias = _temporal_bwd(
         grad_out, *_unpack_qkv(qkv), out, lse, bias, segment_ids, causal, scale, needs_bias_grad, packed=True
+    )  # fmt: skip
+    return dqkv, dbias
+
+
+def temporal_attention_rotary_fwd_triton(
+    q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor], causal: bool,
+    scale: float, rotary_cos: Tensor, rotary_sin: Tensor, rotary_interleaved: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """The temporal forward with q and k rotated inside the kernel (rotary_cos, rotary_sin: (T, rot_dim) fp32)."""
+    return _temporal_fwd(q, k, v, bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved)
+
+
+def temporal_attention_rotary_bwd_triton(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor],
+    segment_ids: Optional[Tensor], causal: bool, scale: float, rotary_cos: Tensor, rotary_sin: Tensor,
+    rotary_interleaved: bool, needs_bias_grad: bool, deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of the unrotated q, k (and v, bias); the tables get none."""
+    _, dq, dk, dv, dbias = _temporal_bwd(
+        grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, False, rotary_cos,
+        rotary_sin, rotary_interleaved,
+    )  # fmt: skip
+    return dq, dk, dv, dbias
+
+
+def temporal_attention_rotary_qkvpacked_fwd_triton(
+    qkv: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor], causal: bool, scale: float,
+    rotary_cos: Tensor, rotary_sin: Tensor, rotary_interleaved: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    return _temporal_fwd(
+        *_unpack_qkv(qkv), bias, segment_ids, causal, scale, rotary_cos, rotary_sin, rotary_interleaved
+    )  # fmt: skip
+
+
+def temporal_attention_rotary_qkvpacked_bwd_triton(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, bias: Optional[Tensor], segment_ids: Optional[Tensor],
+    causal: bool, scale: float, rotary_cos: Tensor, rotary_sin: Tensor, rotary_interleaved: bool,
+    needs_bias_grad: bool, deterministic: bool,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    dqkv, _, _, _, dbias = _temporal_bwd(
+        grad_out, *_unpack_qkv(qkv), out, lse, bias, segment_ids, causal, scale, needs_bias_grad, True, rotary_cos,
+        rotary_sin, rotary_interleaved,
     )  # fmt: skip
     return dqkv, dbias
 
