@@ -83,62 +83,19 @@ TORCH_LIBRARY_FRAGMENT(torchnova, m) {
 
 namespace {
 
-using OptTensor = c10::optional<at::Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> torchnova_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_fwd(const at::Tensor& qkv, const OptTensor& bias,
-                                                          const OptTensor& segment_ids, bool causal, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_fwd", qkv);
-  static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double)>(
-      "torchnova::temporal_attention_fwd");
-  return fwd.call(q, k, v, bias, segment_ids, causal, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv,
-                                                          const at::Tensor& out, const at::Tensor& lse,
-                                                          const OptTensor& bias, const OptTensor& segment_ids,
-                                                          bool causal, double scale, bool needs_bias_grad,
-                                                          bool deterministic) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
-  static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, bool)>(
-      "torchnova::temporal_attention_bwd");
-  auto [dq, dk, dv, dbias] =
-      bwd.call(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, deterministic);
-  return {at::stack({dq, dk, dv}, 3), dbias};
-}
-
-std::tuple<at::Tensor, at::Tensor> spatial_qkvpacked_fwd(const at::Tensor& qkv, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_fwd", qkv);
-  static const auto fwd = torchnova_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                          const at::Tensor&, double)>(
-      "torchnova::spatial_attention_fwd");
-  return fwd.call(q, k, v, scale);
-}
-
-at::Tensor spatial_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
-                                 const at::Tensor& lse, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
-  static const auto bwd = torchnova_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, double)>("torchnova::spatial_attention_bwd");
-  auto [dq, dk, dv] = bwd.call(grad_out, q, k, v, out, lse, scale);
-  return at::stack({dq, dk, dv}, 3);
-}
+constexpr char kTemporalFwd[] = "torchnova::temporal_attention_fwd";
+constexpr char kTemporalBwd[] = "torchnova::temporal_attention_bwd";
+constexpr char kSpatialFwd[] = "torchnova::spatial_attention_fwd";
+constexpr char kSpatialBwd[] = "torchnova::spatial_attention_bwd";
+using Packed = torchnova::spacetime::PackedViaUnpacked<kTemporalFwd, kTemporalBwd, kSpatialFwd, kSpatialBwd>;
 
 }  // namespace
 
 // Every device: the forwards run the unpacked kernels on views; the backwards stack (CPU overrides them with
 // kernels that write dqkv directly, csrc/cpu/spacetime_*_cpu.cpp).
 TORCH_LIBRARY_IMPL(torchnova, CompositeExplicitAutograd, m) {
-  m.impl("temporal_attention_qkvpacked_fwd", &temporal_qkvpacked_fwd);
-  m.impl("temporal_attention_qkvpacked_bwd", &temporal_qkvpacked_bwd);
-  m.impl("spatial_attention_qkvpacked_fwd", &spatial_qkvpacked_fwd);
-  m.impl("spatial_attention_qkvpacked_bwd", &spatial_qkvpacked_bwd);
+  m.impl("temporal_attention_qkvpacked_fwd", &Packed::temporal_fwd);
+  m.impl("temporal_attention_qkvpacked_bwd", &Packed::temporal_bwd);
+  m.impl("spatial_attention_qkvpacked_fwd", &Packed::spatial_fwd);
+  m.impl("spatial_attention_qkvpacked_bwd", &Packed::spatial_bwd);
 }

@@ -29,8 +29,6 @@ void bind(pybind11::module& module);
 
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
-
 constexpr const char* kEmulatedOps[] = {
     "mesa_kl_fwd",           "mesa_kl_bwd",           "temporal_attention_fwd",
     "temporal_attention_bwd", "spatial_attention_fwd", "spatial_attention_bwd",
@@ -38,52 +36,11 @@ constexpr const char* kEmulatedOps[] = {
     "spatial_attention_qkvpacked_bwd",  "cogvideo_attention_fwd",           "cogvideo_attention_bwd",
     "dual_channel_mix_fwd",             "dual_channel_mix_bwd"};
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> emu_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_fwd(const at::Tensor& qkv, const OptTensor& bias,
-                                                          const OptTensor& segment_ids, bool causal, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_fwd", qkv);
-  static const auto fwd = emu_op<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, bool, double)>(
-      "torchnova::temporal_attention_fwd_cuda_emu");
-  return fwd.call(q, k, v, bias, segment_ids, causal, scale);
-}
-
-std::tuple<at::Tensor, at::Tensor> temporal_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv,
-                                                          const at::Tensor& out, const at::Tensor& lse,
-                                                          const OptTensor& bias, const OptTensor& segment_ids,
-                                                          bool causal, double scale, bool needs_bias_grad,
-                                                          bool deterministic) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("temporal_attention_qkvpacked_bwd", qkv);
-  static const auto bwd = emu_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const OptTensor&, const OptTensor&, bool, double, bool, bool)>(
-      "torchnova::temporal_attention_bwd_cuda_emu");
-  auto [dq, dk, dv, dbias] =
-      bwd.call(grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad, deterministic);
-  return {at::stack({dq, dk, dv}, 3), dbias};
-}
-
-std::tuple<at::Tensor, at::Tensor> spatial_qkvpacked_fwd(const at::Tensor& qkv, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_fwd", qkv);
-  static const auto fwd = emu_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                     const at::Tensor&, double)>(
-      "torchnova::spatial_attention_fwd_cuda_emu");
-  return fwd.call(q, k, v, scale);
-}
-
-at::Tensor spatial_qkvpacked_bwd(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
-                                 const at::Tensor& lse, double scale) {
-  const auto [q, k, v] = torchnova::spacetime::unpack_qkv("spatial_attention_qkvpacked_bwd", qkv);
-  static const auto bwd = emu_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, double)>("torchnova::spatial_attention_bwd_cuda_emu");
-  auto [dq, dk, dv] = bwd.call(grad_out, q, k, v, out, lse, scale);
-  return at::stack({dq, dk, dv}, 3);
-}
+constexpr char kTemporalFwd[] = "torchnova::temporal_attention_fwd_cuda_emu";
+constexpr char kTemporalBwd[] = "torchnova::temporal_attention_bwd_cuda_emu";
+constexpr char kSpatialFwd[] = "torchnova::spatial_attention_fwd_cuda_emu";
+constexpr char kSpatialBwd[] = "torchnova::spatial_attention_bwd_cuda_emu";
+using Packed = torchnova::spacetime::PackedViaUnpacked<kTemporalFwd, kTemporalBwd, kSpatialFwd, kSpatialBwd>;
 
 // Idempotent: defines torchnova::<op>_cuda_emu for every op with the real op's schema.
 void register_ops() {
@@ -104,10 +61,10 @@ void register_ops() {
     defs->def(text.c_str());
   }
   auto* impls = new torch::Library(torch::Library::IMPL, "torchnova", c10::DispatchKey::CPU, __FILE__, __LINE__);
-  impls->impl("temporal_attention_qkvpacked_fwd_cuda_emu", &temporal_qkvpacked_fwd);
-  impls->impl("temporal_attention_qkvpacked_bwd_cuda_emu", &temporal_qkvpacked_bwd);
-  impls->impl("spatial_attention_qkvpacked_fwd_cuda_emu", &spatial_qkvpacked_fwd);
-  impls->impl("spatial_attention_qkvpacked_bwd_cuda_emu", &spatial_qkvpacked_bwd);
+  impls->impl("temporal_attention_qkvpacked_fwd_cuda_emu", &Packed::temporal_fwd);
+  impls->impl("temporal_attention_qkvpacked_bwd_cuda_emu", &Packed::temporal_bwd);
+  impls->impl("spatial_attention_qkvpacked_fwd_cuda_emu", &Packed::spatial_fwd);
+  impls->impl("spatial_attention_qkvpacked_bwd_cuda_emu", &Packed::spatial_bwd);
   done = true;
 }
 
