@@ -80,7 +80,7 @@ def check_patched_matches(build, inputs: dict, call, dtype, *, grad_inputs=("hid
         assert_close(out, out64, dtype, "fwd", "output")
         for name in grads64:
             assert grads[name] is not None, f"{name}: no gradient when patched"
-            assert_close(grads[name], grads64[name], dtype, "grad", name)
+            assert_close(grads[name], grads64[name], dtype, "grad", name, terms=_vanishing_terms(name, grads64))
         return n
     # float32: the table's bound, or within 2x the unpatched float32 run's own error where the model's depth
     # makes that larger (never looser than 2x what diffusers itself gets in float32).
@@ -89,13 +89,25 @@ def check_patched_matches(build, inputs: dict, call, dtype, *, grad_inputs=("hid
     _close_or_within_2x(out, out_u, out64, dtype, "fwd", "output")
     for name in grads64:
         assert grads[name] is not None, f"{name}: no gradient when patched"
-        _close_or_within_2x(grads[name], grads_u[name], grads64[name], dtype, "grad", name)
+        _close_or_within_2x(grads[name], grads_u[name], grads64[name], dtype, "grad", name,
+                            terms=_vanishing_terms(name, grads64))
     return n
 
 
-def _close_or_within_2x(actual, unpatched, expected64, dtype, kind, what):
+def _vanishing_terms(name, grads64):
+    """The size of the terms a gradient that is 0 in exact arithmetic cancels, else None.
+
+    The key projection's bias gets no gradient (softmax is invariant to adding one constant to a row of scores),
+    and a module whose attention output is discarded can pass exact zeros too: float64 then returns ~1e-16 and a
+    kernel another rounding of 0. Such a gradient is judged against the module's largest gradient (the terms that
+    cancel), every other one against its own magnitude."""
+    largest = max(g.abs().max().item() for g in grads64.values())
+    return largest if grads64[name].abs().max().item() <= 1e-9 * largest else None
+
+
+def _close_or_within_2x(actual, unpatched, expected64, dtype, kind, what, terms=None):
     try:
-        assert_close(actual, expected64, dtype, kind, what)
+        assert_close(actual, expected64, dtype, kind, what, terms=terms)
     except AssertionError:
         err = (actual.double() - expected64).abs().max().item()
         err_unpatched = (unpatched.double() - expected64).abs().max().item()
@@ -341,7 +353,7 @@ def _check_processor(build, processor, backend, inputs, call, dtype, grad_inputs
         out, grads = _run(model, _cast(inputs, dtype), grad_inputs, weight, call)
     assert_close(out, out64, dtype, "fwd", "output")
     for name in grads64:
-        assert_close(grads[name], grads64[name], dtype, "grad", name)
+        assert_close(grads[name], grads64[name], dtype, "grad", name, terms=_vanishing_terms(name, grads64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
