@@ -76,7 +76,8 @@ FAMILIES = ("spatial", "temporal", "dual_channel", "mesa")
 _POINTER_TYPES = {  # pointer arguments whose element type is not the inputs' dtype
     "lse_ptr": "*fp32", "delta_ptr": "*fp32", "bias_ptr": "*fp32", "seg_ptr": "*i64", "dbias_ws_ptr": "*fp32",
     "pad_ptr": "*u8", "list_ptr": "*i32", "count_ptr": "*i32", "d_alpha_partial_ptr": "*fp32",
-    "alpha_logit_ptr": "*fp32", "loss_ptr": "*fp32", "grad_rows_ptr": "*fp32",
+    "alpha_logit_ptr": "*fp32", "loss_ptr": "*fp32", "grad_rows_ptr": "*fp32", "cos_ptr": "*fp32",
+    "sin_ptr": "*fp32",
 }  # fmt: skip
 _FLOAT_SCALARS = ("scale", "qk_scale", "tau", "inv_tau")
 
@@ -170,7 +171,15 @@ def temporal_cases(arch: int, full: bool, measure: bool):
                 if measure:  # every bucket, fitting or not: the figures temporal_shared_bytes bounds
                     fitting = [stk.temporal_config(name, t_pad, d, torch_dtype, 1 << 30) for d in d_buckets]
                 for cfg in fitting:
-                    for mode in modes:
+                    mode_list = [dict(m, ROTARY=False, INTERLEAVED=False) for m in modes]
+                    # rotary (temporal_attention(..., rotary=...)): its own configuration, or excluded by the reasons
+                    rotary_cfg = stk.temporal_config(name, cfg.t_pad, cfg.d_pad, torch_dtype, limit, rotary=True)
+                    if not measure and rotary_cfg is None:
+                        yield Excluded("temporal", kernel.__name__, dtype, f"T_PAD={cfg.t_pad} D_PAD={cfg.d_pad} "
+                                       "rotary", arch)  # fmt: skip
+                    elif not measure:
+                        mode_list += [dict(modes[-1], ROTARY=True, INTERLEAVED=i) for i in (False, True)]
+                    for mode in mode_list:
                         mode_label = ",".join(k.lower() for k, v in mode.items() if v) or "plain"
                         yield Case("temporal", kernel, dtype, f"T_PAD={cfg.t_pad} D_PAD={cfg.d_pad} {mode_label}",
                                    dict(mode, IEEE=ieee, BLOCK_P=stk.BLOCK_P, T_PAD=cfg.t_pad, D_PAD=cfg.d_pad),

@@ -174,3 +174,21 @@ def test_temporal_at_the_largest_tiles_that_fit(monkeypatch):
     ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
     for name, g, r in zip("qkv", grads, ref_grads):
         assert_close(g, r, torch.float32, "grad", f"d{name}")
+
+
+def test_rotary_backward_needs_more_shared_memory_and_the_reasons_say_so(monkeypatch):
+    """The rotary backward's extra dots (permuted operands) need 8·T_PAD·D_PAD more bytes in fp32: fp32 T 64, D 64
+    fits a 99 KB card without rotary (81920 bytes measured on sm_86) and not with it (114688), so the triton
+    backend is excluded for rotary inputs there, with the reason, and kept on an A100 (163 KB)."""
+    set_limit(monkeypatch, SM86)
+    q = torch.empty(1, 64, 2, 1, 64)
+    cos = torch.ones(64, 32)
+    assert stk.temporal_config("bwd", 64, 64, torch.float32, SM86) is not None
+    assert stk.temporal_config("bwd", 64, 64, torch.float32, SM86, rotary=True) is None
+    plain = _backend.reasons("temporal_attention", "triton", q=q, k=q, v=q)
+    rotary = _backend.reasons("temporal_attention", "triton", q=q, k=q, v=q, rotary_cos=cos, rotary_sin=cos)
+    assert not any("shared memory" in w for w in plain)
+    assert any("rotary) need" in w and "shared memory" in w for w in rotary), rotary
+    set_limit(monkeypatch, SM80)
+    assert not any("shared memory" in w for w in _backend.reasons(
+        "temporal_attention", "triton", q=q, k=q, v=q, rotary_cos=cos, rotary_sin=cos))

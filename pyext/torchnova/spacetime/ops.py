@@ -138,7 +138,8 @@ def _triton_temporal_reasons(q, **inputs):
         why.append(f"B*S = {problems} problems per head > {triton_kernels.MAX_GRID_YZ * per_program} (grid axis 1: "
                    f"{triton_kernels.MAX_GRID_YZ} programs of {per_program} problems)")
     if not why:  # whole T x D tiles on chip: the forward's and the backward's must fit the shared memory
-        shared = triton_kernels.temporal_shared_memory_reason(T, q.shape[-1], q.dtype, q.device)
+        shared = triton_kernels.temporal_shared_memory_reason(T, q.shape[-1], q.dtype, q.device,
+                                                              inputs.get("rotary_cos") is not None)
         why += [shared] if shared else []
     return why + _rotary_kernel_reasons(**inputs)
 

@@ -323,7 +323,7 @@ class TemporalConfig(NamedTuple):
     shared: int  # bytes of shared memory per block Triton allocates (upper bound over sm_80/86/89/90/120)
 
 
-def temporal_shared_bytes(kernel: str, ieee: bool, t_pad: int, d_pad: int) -> int:
+def temporal_shared_bytes(kernel: str, ieee: bool, t_pad: int, d_pad: int, rotary: bool = False) -> int:
     """Shared memory (bytes per block) of the temporal kernel ``kernel`` ("fwd" / "bwd") for T_PAD x D_PAD tiles.
 
     The temporal kernels keep whole tiles on chip and loop over problems, not over tiles, so nothing is pipelined
@@ -332,15 +332,19 @@ def temporal_shared_bytes(kernel: str, ieee: bool, t_pad: int, d_pad: int) -> in
     num_stages changes it (within 0.5 KB). Fitted upper bounds of what Triton 3.8 and 3.9 allocate on sm_86 and
     sm_90 (sm_90's wgmma operand layouts need the most for fp16/bf16 at T_PAD = 64), exact to 0.5 KB on the
     largest tiles (fp32 backward at 64 x 256: 272 KB); the compile check compares every configuration against
-    each target's limit. Per-target figures: docs/triton_configs.md."""
+    each target's limit. Per-target figures: docs/triton_configs.md.
+    Rotary (ROTARY): the backward's extra dots with the permuted operands need 8·T_PAD·D_PAD more bytes in fp32
+    and up to 5.5x that in fp16/bf16 (sm_90 at 64 x 256; 4x elsewhere); the forward's scratch already covers its
+    rotated tiles (measured with the compile check on sm_86 and sm_90, triton 3.8)."""
     td, tt = t_pad * d_pad, t_pad * t_pad
     if kernel == "fwd":  # the larger of the q/k/v operand scratch and the T x T score scratch
         return max(12 * td, 5 * tt) if ieee else max(6 * td, 4 * tt)
-    return 16 * td + 4 * tt + 16 * t_pad if ieee else 8 * td + 2 * tt + 8 * t_pad
+    rotary_extra = (8 * td if ieee else 6 * td) if rotary else 0
+    return (16 * td + 4 * tt + 16 * t_pad if ieee else 8 * td + 2 * tt + 8 * t_pad) + rotary_extra
 
 
 def temporal_config(
-    kernel: str, T: int, D: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY
+    kernel: str, T: int, D: int, dtype: torch.dtype, shared_limit: int = DEFAULT_SHARED_MEMORY, rotary: bool = False
 ) -> Optional[TemporalConfig]:
     """Launch configuration of the temporal kernel ``kernel`` ("fwd" / "bwd") for T frames of head dim D on a
     device with ``shared_limit`` bytes of shared memory per block, or None when the tiles do not fit (the op's
@@ -353,7 +357,7 @@ def temporal_config(
     num_stages = 1: the loop over problems has a data-dependent branch and is not pipelined anyway."""
     t_pad, d_pad = _pads(T, D)
     ieee = dtype == torch.float32
-    shared = temporal_shared_bytes(kernel, ieee, t_pad, d_pad)
+    shared = temporal_shared_bytes(kernel, ieee, t_pad, d_pad, rotary)
     if shared > shared_limit:
         return None
     elements = t_pad * d_pad * (2 if ieee else 1) * (2 if kernel == "bwd" else 1)
@@ -361,24 +365,28 @@ def temporal_config(
     return TemporalConfig(t_pad, d_pad, num_warps, 1, shared)
 
 
-def temporal_shared_memory_reason(T: int, D: int, dtype: torch.dtype, device: torch.device) -> Optional[str]:
+def temporal_shared_memory_reason(
+    T: int, D: int, dtype: torch.dtype, device: torch.device, rotary: bool = False
+) -> Optional[str]:
     """Why the temporal kernels cannot launch on ``device`` for T frames of head dim D (the forward's or the
     backward's tiles need more shared memory per block than it has), or None."""
     limit = _backend.shared_memory_per_block(device)
     for kernel in ("fwd", "bwd"):
-        if temporal_config(kernel, T, D, dtype, limit) is None:
+        if temporal_config(kernel, T, D, dtype, limit, rotary) is None:
             t_pad, d_pad = _pads(T, D)
-            need = temporal_shared_bytes(kernel, dtype == torch.float32, t_pad, d_pad)
+            need = temporal_shared_bytes(kernel, dtype == torch.float32, t_pad, d_pad, rotary)
             return (f"the temporal {'forward' if kernel == 'fwd' else 'backward'} kernel's {t_pad} x {d_pad} tiles "
-                    f"({dtype}) need {need} bytes of shared memory per block, more than the device's {limit}")
+                    f"({dtype}{', rotary' if rotary else ''}) need {need} bytes of shared memory per block, more "
+                    f"than the device's {limit}")
     return None
 
 
-def _temporal_launch_config(kernel: str, q: Tensor) -> TemporalConfig:
+def _temporal_launch_config(kernel: str, q: Tensor, rotary: bool = False) -> TemporalConfig:
     T, D = q.shape[1], q.shape[4]
-    config = temporal_config(kernel, T, D, q.dtype, _backend.shared_memory_per_block(q.device))
+    config = temporal_config(kernel, T, D, q.dtype, _backend.shared_memory_per_block(q.device), rotary)
     if config is None:  # the op's reasons exclude these inputs first; a direct call gets the same message
-        raise ValueError(f"temporal_attention triton backend: {temporal_shared_memory_reason(T, D, q.dtype, q.device)}")
+        why = temporal_shared_memory_reason(T, D, q.dtype, q.device, rotary)
+        raise ValueError(f"temporal_attention triton backend: {why}")
     return config
 
 
@@ -415,7 +423,7 @@ def _temporal_fwd(
     lse = torch.empty((B, T, S, H), device=q.device, dtype=accumulation_dtype(q.dtype))
     if q.numel() == 0:
         return out, lse
-    cfg = _temporal_launch_config("fwd", q)
+    cfg = _temporal_launch_config("fwd", q, rotary_cos is not None)
     grid = (H, triton.cdiv(B * S, BLOCK_P))
     launch_triton(
         _temporal_fwd_kernel, grid,
@@ -471,7 +479,7 @@ def _temporal_bwd(
     if q.numel() == 0:
         dbias = torch.zeros((H, T, T) if needs_bias_grad else (0,), device=q.device, dtype=acc)
         return dqkv, dq, dk, dv, dbias
-    cfg = _temporal_launch_config("bwd", q)
+    cfg = _temporal_launch_config("bwd", q, rotary_cos is not None)
     T_PAD = cfg.t_pad
     chunks = triton.cdiv(B * S, BLOCK_P)
     workspace = (
