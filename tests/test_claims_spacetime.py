@@ -17,15 +17,10 @@ from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import spatial_attention_ref, temporal_attention_ref
 from utils import (
     assert_close, assert_within_low_precision_error, auto_cpu_backend, backend_device_params, record_chosen_backends,
-    skip_unless_runs,
+    skip_unless_runs, upstream,
 )  # fmt: skip
 
 ON_GPU = torch.cuda.is_available()
-
-
-def upstream_like(out, seed=1):
-    g = torch.Generator(device=out.device).manual_seed(seed)
-    return torch.randn(out.shape, generator=g, dtype=torch.float64, device=out.device).to(out.dtype)
 
 
 def make_qkv(shape, dtype, device, layout="fused"):
@@ -72,8 +67,8 @@ def check_temporal(backend, device, dtype, shape, *, layout="fused", scale=None,
                                      segment_ids=seg, causal=causal, scale=scale)  # fmt: skip
         assert_within_low_precision_error(out, low, expected, dtype, "out")
     inputs, inputs64 = leaves + ([b] if bias else []), leaves64 + ([b64] if bias else [])
-    got = torch.autograd.grad(out, inputs, upstream_like(out))
-    want = torch.autograd.grad(expected, inputs64, upstream_like(out).cpu().double())
+    got = torch.autograd.grad(out, inputs, upstream(out))
+    want = torch.autograd.grad(expected, inputs64, upstream(out).cpu().double())
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, dtype, "grad", f"gradient {i}")
 
@@ -100,8 +95,8 @@ def check_spatial(backend, device, dtype, shape, *, layout="fused", scale=None, 
     if dtype in (torch.float16, torch.bfloat16):
         low = spatial_attention_ref(q.detach(), k.detach(), v.detach(), scale=scale)
         assert_within_low_precision_error(out, low, expected, dtype, "out")
-    got = torch.autograd.grad(out, leaves, upstream_like(out))
-    want = torch.autograd.grad(expected, leaves64, upstream_like(out).cpu().double())
+    got = torch.autograd.grad(out, leaves, upstream(out))
+    want = torch.autograd.grad(expected, leaves64, upstream(out).cpu().double())
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, dtype, "grad", f"gradient {i}")
 

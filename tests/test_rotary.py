@@ -13,7 +13,7 @@ import torchnova
 from torchnova import _backend
 from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import apply_rotary_ref, temporal_attention_ref
-from utils import assert_close, backend_device_params, skip_unless_runs
+from utils import assert_close, backend_device_params, segments_for, skip_unless_runs, upstream
 
 OPTIONS = list(itertools.product([False, True], [False, True], [False, True]))  # (bias, segments, causal)
 # (B, T, S, H, D, rot_dim): full rotation, partial, odd T and D, a single frame, rot_dim 2
@@ -29,16 +29,6 @@ def tables(T, rot_dim, dtype=torch.float64, device="cpu", random=False):
     angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
     angles = angles.repeat_interleave(2, -1)
     return angles.cos().to(dtype).to(device), angles.sin().to(dtype).to(device)
-
-
-def segments_for(B, T):
-    ids = [0] * max(1, T - 2) + list(range(1, T - max(1, T - 2) + 1))
-    return torch.tensor([ids] * B, dtype=torch.int64)
-
-
-def upstream(out, seed=1):
-    generator = torch.Generator(device=out.device).manual_seed(seed)
-    return torch.randn(out.shape, generator=generator, dtype=torch.float64, device=out.device).to(out.dtype)
 
 
 def test_reference_rotation_matches_rotary_embedding_torch():

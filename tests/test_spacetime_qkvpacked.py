@@ -10,7 +10,7 @@ import torch
 import torchnova
 from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import spatial_attention_ref, temporal_attention_ref
-from utils import assert_close, backend_device_params, needs_cpp, skip_unless_runs
+from utils import assert_close, backend_device_params, needs_cpp, segments_for, skip_unless_runs, upstream
 
 OPTIONS = list(itertools.product([False, True], [False, True], [False, True]))  # (bias, segments, causal)
 TEMPORAL_SHAPES = [(1, 1, 1, 1, 8), (2, 7, 5, 3, 40), (1, 24, 3, 2, 72)]  # T = 24: a half vector of keys
@@ -20,16 +20,6 @@ SPATIAL_SHAPES = [(1, 1, 1, 1, 8), (2, 2, 5, 3, 40), (1, 1, 70, 2, 88)]
 def packed(shape, dtype, device="cpu"):
     B, T, S, H, D = shape
     return torch.randn(B, T, S, 3, H, D, dtype=dtype, device=device, requires_grad=True)
-
-
-def segments_for(B, T):
-    ids = [0] * max(1, T - 2) + list(range(1, T - max(1, T - 2) + 1))
-    return torch.tensor([ids] * B, dtype=torch.int64)
-
-
-def upstream(out, seed=1):
-    generator = torch.Generator(device=out.device).manual_seed(seed)
-    return torch.randn(out.shape, generator=generator, dtype=torch.float64, device=out.device).to(out.dtype)
 
 
 @pytest.mark.parametrize("backend, device", backend_device_params("temporal_attention"))

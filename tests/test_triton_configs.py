@@ -25,6 +25,18 @@ LIMITS = [T4, SM86, SM80, SM90]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def check_fp32_against_reference(out, qkv, reference, **options):
+    """``out`` of fp32 q, k, v and its gradients vs ``reference`` run in float64 (one random upstream gradient)."""
+    ref_inputs = [x.detach().double().requires_grad_(True) for x in qkv]
+    ref = reference(*ref_inputs, **options)
+    assert_close(out, ref, torch.float32, "fwd", "out")
+    grad_out = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, qkv, grad_out.float())
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert_close(g, r, torch.float32, "grad", f"d{name}")
+
+
 def set_limit(monkeypatch, limit: int) -> None:
     monkeypatch.setattr(_backend, "shared_memory_per_block", lambda device: limit)
 
@@ -148,32 +160,18 @@ def test_spatial_with_a_larger_cards_configuration(limit, monkeypatch):
     shape = (1, 1, 37, 1, 72)
     q, k, v = (torch.randn(shape, dtype=torch.float32, requires_grad=True) for _ in range(3))
     out = torchnova.spatial_attention(q, k, v, backend="triton")
-    ref_inputs = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref = spatial_attention_ref(*ref_inputs)
-    assert_close(out, ref, torch.float32, "fwd", "out")
-    grad_out = torch.randn(shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.float())
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close(g, r, torch.float32, "grad", f"d{name}")
+    check_fp32_against_reference(out, (q, k, v), spatial_attention_ref)
 
 
 def test_temporal_at_the_largest_tiles_that_fit(monkeypatch):
-    skip_unless_runs("temporal_attention", "triton", q=torch.empty(1, 1, 1, 1, 16))
     """fp32, T = 33 (T_PAD 64), D = 72 (D_PAD 128): fits an A100 (backward 144 KB), runs in the interpreter."""
+    skip_unless_runs("temporal_attention", "triton", q=torch.empty(1, 1, 1, 1, 16))
     set_limit(monkeypatch, SM80)
     monkeypatch.setattr(stk, "BLOCK_P", 2)
     shape = (1, 33, 2, 1, 72)
     q, k, v = (torch.randn(shape, dtype=torch.float32, requires_grad=True) for _ in range(3))
     out = torchnova.temporal_attention(q, k, v, causal=True, backend="triton")
-    ref_inputs = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
-    ref = temporal_attention_ref(*ref_inputs, causal=True)
-    assert_close(out, ref, torch.float32, "fwd", "out")
-    grad_out = torch.randn(shape, dtype=torch.float64)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out.float())
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
-    for name, g, r in zip("qkv", grads, ref_grads):
-        assert_close(g, r, torch.float32, "grad", f"d{name}")
+    check_fp32_against_reference(out, (q, k, v), temporal_attention_ref, causal=True)
 
 
 def test_rotary_backward_needs_more_shared_memory_and_the_reasons_say_so(monkeypatch):

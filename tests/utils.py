@@ -137,3 +137,15 @@ def _needs_cpp():
 # For tests that call backend="cpp" or the C++ ops directly (a TORCHNOVA_SKIP_CPP_BUILD=1 install skips them;
 # tests/test_build.py fails instead when setup.sh built the extension and it does not import).
 needs_cpp = _needs_cpp()
+
+
+def segments_for(B, T):
+    """(B, T) segment ids of VDM joint training: the video frames share id 0, each appended image has its own."""
+    ids = [0] * max(1, T - 2) + list(range(1, T - max(1, T - 2) + 1))
+    return torch.tensor([ids] * B, dtype=torch.int64)
+
+
+def upstream(out, seed=1):
+    """A seeded random upstream gradient for ``out`` (drawn in float64, so every dtype gets the same values)."""
+    generator = torch.Generator(device=out.device).manual_seed(seed)
+    return torch.randn(out.shape, generator=generator, dtype=torch.float64, device=out.device).to(out.dtype)
