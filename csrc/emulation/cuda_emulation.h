@@ -102,6 +102,21 @@ enum class WarpOpKind : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, k
 uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t bits, int arg, int width);
 // __syncthreads of the calling fiber.
 void block_barrier();
+
+// The emulated twins of the tensor-core instructions (csrc/cuda/tensor_core.cuh has their PTX and the fragment
+// layouts): warp collectives of the full warp, computed when all 32 lanes have arrived.
+enum class MmaKind : int { kM16N8K16F16, kM16N8K16BF16, kM16N8K8TF32 };
+// D = A * B + C of one m16n8k16 / m16n8k8 tile; this lane's fragments.
+void tensor_core_mma(MmaKind kind, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]);
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16: `shared_row` is this lane's row address.
+void tensor_core_ldmatrix(int matrices, bool transpose, uint32_t* r, const void* shared_row);
+// cp.async of `bytes` (16) bytes, `src_bytes` of them read from `global`, the rest zero: queued on the calling
+// thread and carried out at the cp_async_wait that waits for its group.
+void cp_async(void* shared, const void* global, int bytes, int src_bytes);
+void cp_async_commit();
+void cp_async_wait(int newer_groups_allowed);
+// cvt.rna.tf32.f32 as bits.
+uint32_t float_to_tf32_bits(float x);
 // Throws a c10::Error naming the current kernel, block and thread (or the host context), with `what`.
 [[noreturn]] void device_error(const std::string& what);
 
