@@ -11,6 +11,8 @@ CUDA_HOME is set. Environment:
   TORCHNOVA_CUDA_EMULATION=1 also build torchnova._C_cuda_emu, the test-only CUDA emulation layer: the CUDA kernels
                              compiled with g++ as host C++ (csrc/emulation, docs/cuda_emulation.md), for
                              torchnova.testing.cuda_emulation(). Needs no CUDA toolkit. Not for user installs.
+  TORCHNOVA_EMULATION_ONLY=1 build only torchnova._C_cuda_emu, keeping the installed torchnova._C (for kernel work:
+                             `python setup.py build_ext --inplace` then rebuilds just the emulated kernels)
 """
 
 from __future__ import annotations
@@ -80,8 +82,11 @@ def extensions_and_cmdclass():
             "(install torch first and use `pip install --no-build-isolation`)")
         return [], {}
 
-    with_cuda, why = cuda_decision(torch, cpp_extension)
     debug = os.environ.get("DEBUG", "0") == "1"
+    if os.environ.get("TORCHNOVA_EMULATION_ONLY", "0") == "1":
+        log("TORCHNOVA_EMULATION_ONLY=1: building only the CUDA emulation layer; torchnova._C is left as it is")
+        return [cuda_emulation_extension(cpp_extension, debug)], cmdclass_for(cpp_extension)
+    with_cuda, why = cuda_decision(torch, cpp_extension)
     os.environ.setdefault("MAX_JOBS", default_max_jobs())
 
     cpp_sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
@@ -135,8 +140,11 @@ def extensions_and_cmdclass():
     exts = [ext]
     if os.environ.get("TORCHNOVA_CUDA_EMULATION", "0") == "1":
         exts.append(cuda_emulation_extension(cpp_extension, debug))
-    cmdclass = {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
-    return exts, cmdclass
+    return exts, cmdclass_for(cpp_extension)
+
+
+def cmdclass_for(cpp_extension):
+    return {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 def cuda_emulation_extension(cpp_extension, debug: bool):
