@@ -3,7 +3,8 @@ package builds, per GPU target, and the HMMA check of the tensor-core kernels; f
 launch or is not what the source says. Runs without a GPU (nvcc, ptxas and cuobjdump only).
 
     PYTHONPATH=pyext python scripts/cuda_build_report.py                 # table + JSON, exit 1 on a failed check
-    options: --arch 80,86,89,90,120  --jobs N  --json FILE  --so PATH|none  --quiet
+    options: --arch 80,86,89,90,120  --jobs N  --json FILE  --so PATH|none  --files a.cu,b.cu  --markdown FILE
+             --quiet
 
 How the numbers are made (docs/gpu_build_report.md):
 - Every csrc/cuda/*.cu is compiled once per virtual architecture to PTX (nvcc -ptx, the flags of setup.py:
@@ -112,7 +113,7 @@ ARCHS = {
 SPILL_ALLOWLIST: dict[tuple[str, str | None, int | None], tuple[int, str]] = {
     ("spatial_dq_kernel", r"\w+,128", None): (
         8,
-        "D<=128 bucket on the compute_80 targets (sm_80/86/89/120; none on sm_90): at 128 registers ptxas parks "
+        "D<=128 bucket on sm_80 / sm_86 / sm_89 (not sm_90, not sm_120): at 128 registers ptxas parks "
         "one 32-bit value (4 B stores, 4 B loads, 8 B stack): its SASS has one STL before the key-block loop and "
         "one LDL in the dq write-back after it, so one store and one load per thread, nothing inside the loop",
     ),
@@ -814,7 +815,10 @@ def check_extension(so: str, compiled: list[Compiled], tools: dict, names: dict[
     def key(demangled: str) -> str:
         return anon.sub("", demangled)
 
-    errors, summary = [], {"path": os.path.relpath(so, ROOT), "arches": sorted(usage), "checked": 0}
+    ptx = run([tools["cuobjdump"], "-lptx", so])
+    ptx_archs = sorted(set(re.findall(r"\.(sm_\d+a?)\.ptx", ptx.stdout)))
+    errors, summary = [], {"path": os.path.relpath(so, ROOT), "arches": sorted(usage), "ptx": ptx_archs,
+                           "checked": 0}
     for c in compiled:
         if c.sm not in usage:
             continue
@@ -854,6 +858,44 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines])
 
 
+def format_markdown(rows: list[Row]) -> str:
+    """The condensed table of docs/gpu_build_report.md: one line per kernel instantiation and launch
+    configuration, one cell per target: registers, static + dynamic shared memory, theoretical occupancy (and the
+    spill, the configuration where it differs from the first target's, "excluded" where the reasons exclude it)."""
+    sms = sorted({r.sm for r in rows})
+    groups: dict[tuple, dict[int, Row]] = {}
+    index: dict[tuple, int] = {}
+    for r in rows:
+        base = (r.file, r.kernel, r.targs, r.sm)
+        i = index.get(base, 0)
+        index[base] = i + 1
+        groups.setdefault((r.file, r.kernel, r.targs, i), {})[r.sm] = r
+    lines = ["| kernel | config | threads | " + " | ".join(f"sm_{sm}" for sm in sms) + " |",
+             "|---|---|---|" + "---|" * len(sms)]
+    for (file, kernel, targs, _), by_sm in groups.items():
+        first = by_sm[min(by_sm)]
+        cells = []
+        for sm in sms:
+            r = by_sm.get(sm)
+            if r is None:
+                cells.append("")
+                continue
+            total = r.static_smem + r.dynamic_smem
+            cell = f"{r.regs} r, {total / 1024:.1f} KiB, {100 * r.occupancy:.0f}%"
+            if r.spill_stores or r.spill_loads:
+                cell += f", spill {r.spill_stores}/{r.spill_loads} B"
+            if r.config != first.config or r.threads != first.threads:
+                cell += f" ({r.config}, {r.threads} thr)"
+            if not r.allowed:
+                cell = f"excluded ({total / 1024:.1f} KiB)"
+            if r.tensor_core:
+                cell += f", HMMA {r.hmma}"
+            cells.append(cell)
+        lines.append(f"| `{kernel}<{short_targs(targs)}>` | {first.config or '-'} | {first.threads} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="80,86,89,90,120", help="targets, e.g. 80,90")
@@ -862,6 +904,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--so", default="auto", help="the built extension to cross-check ('none' to skip)")
     parser.add_argument("--files", default="", help="only these csrc/cuda/*.cu (comma-separated basenames)")
     parser.add_argument("--quiet", action="store_true", help="print the summary and failures, not the table")
+    parser.add_argument("--markdown", default="", help="also write the condensed Markdown table to this file")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     sms = [int(a) for a in args.arch.split(",") if a.strip()]
@@ -906,6 +949,15 @@ def main(argv: list[str] | None = None) -> int:
     if so:
         so_errors, so_summary = check_extension(so, compiled, tools, names)
         errors += so_errors
+        if so_summary.get("arches"):
+            runs_on = {sm: max((a for a in so_summary["arches"] if a // 10 == sm // 10 and a <= sm), default=None)
+                       for sm in sms}
+            print(f"[cuda-build-report] {os.path.relpath(so, ROOT)}: cubins for sm_{so_summary['arches']}, PTX "
+                  f"{so_summary['ptx'] or 'none'}; " + ", ".join(
+                      f"sm_{sm} runs " + (f"the sm_{a} cubin" if a else "PTX JIT" if any(
+                          int(re.sub(r"\D", "", p)) <= sm for p in so_summary["ptx"]) else
+                                          "NOTHING (no cubin of its major version, no PTX: rebuild for it)")
+                      for sm, a in runs_on.items()))
         if so_summary.get("checked", 0) == 0 and not so_errors:
             print(f"[cuda-build-report] {so}: no sm_{sms} cubins to cross-check (a build without CUDA kernels)")
     elif args.so == "auto":
@@ -927,6 +979,9 @@ def main(argv: list[str] | None = None) -> int:
                        "tensor_core_kernels": tc_names, "errors": errors,
                        "rows": [dataclasses.asdict(r) for r in rows]}, f, indent=1)
         print(f"[cuda-build-report] wrote {os.path.relpath(args.json, os.getcwd())}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(format_markdown(rows) + "\n")
     for e in errors:
         print(f"[cuda-build-report] FAIL {e}")
     return 1 if errors else 0

@@ -371,3 +371,13 @@ def test_real_compile_finds_hmma_and_fails_without_it(tmp_path):
         assert report.check_row(good) == [] and report.check_row(simt) == []
         assert "without HMMA" in report.check_row(bad)[0]
         assert good.blocks_per_sm == report.occupancy(report.ARCHS[sm], 32, good.regs, good.static_smem).blocks_per_sm
+
+
+def test_targets_agree_with_the_backend_and_the_triton_check():
+    """One set of per-block limits for every GPU kernel: the Python reasons' and the Triton compile check's."""
+    from torchnova import _backend
+
+    assert report.ARCHS[80].smem_optin == _backend.SHARED_MEMORY_SM80
+    assert report.ARCHS[90].smem_optin == _backend.SHARED_MEMORY_SM90
+    for sm in (86, 89, 120):
+        assert report.ARCHS[sm].smem_optin == _backend.SHARED_MEMORY_SM86
