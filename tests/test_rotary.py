@@ -196,6 +196,23 @@ def test_opcheck_rotary_triton_ops():
     _opcheck_rotary("_triton", qkv, torch.randn(2, 4, 4, device=device), segments, cos, sin)
 
 
+def test_opcheck_rotary_cuda_ops():
+    """The CUDA kernels' rotary ops: on a GPU the real ones, here the emulated ones (same schemas) on CPU tensors."""
+    if torch.cuda.is_available():
+        device, suffix, context = "cuda", "", torch.enable_grad()
+        if not _ext.HAS_CUDA_KERNELS:
+            pytest.skip("built without CUDA kernels")
+    elif _ext.HAS_CUDA_EMULATION:
+        device, suffix, context = "cpu", "_cuda_emu", testing.cuda_emulation()
+    else:
+        pytest.skip(f"no GPU and the CUDA emulation layer is not built: {_ext.CUDA_EMULATION_IMPORT_ERROR}")
+    with context:
+        qkv = torch.randn(2, 4, 3, 3, 2, 8, device=device)
+        segments = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]], device=device)
+        cos, sin = tables(4, 6, torch.float32, device)
+        _opcheck_rotary(suffix, qkv, torch.randn(2, 4, 4, device=device), segments, cos, sin)
+
+
 def test_tables_that_require_grad_go_to_the_reference():
     """The kernels give the tables no gradient: a learned table (requires_grad) is a reason for every kernel
     backend, so auto picks the reference, which differentiates it; a forced kernel backend raises."""

@@ -94,15 +94,10 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
 
 def _cuda_rotary_reasons(q, rotary_cos=None, **_):
     """An extension built from sources before the rotary CUDA kernels still imports; it then says so."""
-    if rotary_cos is None:
+    built = HAS_EMULATED_ROTARY if q.device.type == "cpu" else HAS_CUDA_ROTARY  # cpu: testing.cuda_emulation
+    if rotary_cos is None or built:
         return []
-    if q.device.type == "cpu":  # the emulated kernels (testing.cuda_emulation)
-        built = HAS_EMULATED_ROTARY
-    else:
-        built = _ext.HAS_CPP and torch._C._dispatch_has_kernel_for_dispatch_key(
-            "torchnova::temporal_attention_rotary_fwd", "CUDA"
-        )  # fmt: skip
-    return [] if built else ["rotary: the CUDA kernels were built without the rotary ops (rebuild the extension)"]
+    return ["rotary: the CUDA kernels were built without the rotary ops (rebuild the extension)"]
 
 
 def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
@@ -401,6 +396,10 @@ def _has_native_op(name: str) -> bool:
 # An extension built from older sources (before the rotary ops) still imports; its cpp backend then says why it
 # cannot run rotary inputs instead of torchnova failing to import.
 HAS_NATIVE_ROTARY = _ext.HAS_CPP and _has_native_op("temporal_attention_rotary_fwd")
+# The same for the CUDA kernels (csrc/cuda/spacetime_temporal.cu registers the rotary ops' CUDA kernels).
+HAS_CUDA_ROTARY = HAS_NATIVE_ROTARY and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "torchnova::temporal_attention_rotary_fwd", "CUDA"
+)  # fmt: skip
 
 if _ext.HAS_CPP:
     for _op in _FWD_BWD_REGISTRATION:
