@@ -326,6 +326,45 @@ def test_rotary_cuda_kernels_packed_and_deterministic(interleaved):
 
 
 @needs_emulation
+def test_video_diffusion_unet_on_the_cuda_kernels():
+    """video-diffusion-pytorch's Unet3D patched with backend="cuda" (its rotary temporal attention, partial rotation
+    of 32 of 40 dims, interleaved, plus its spatial attention, on the emulated CUDA kernels) vs the library's own
+    forward in float64: output and every parameter gradient, fp32 tolerance."""
+    vdp = pytest.importorskip("video_diffusion_pytorch.video_diffusion_pytorch",
+                              reason="pip install video-diffusion-pytorch==0.7.0")  # fmt: skip
+    import torchnova.integrations.video_diffusion_pytorch as tn_vdp
+
+    def make(dtype):
+        torch.manual_seed(0)
+        model = vdp.Unet3D(dim=8, dim_mults=(1,), channels=3, attn_heads=2, attn_dim_head=40)
+        with torch.no_grad():
+            model.time_rel_pos_bias.relative_attention_bias.weight.normal_()
+        return model.to(dtype)
+
+    def run(model, x, time, focus):
+        out = model(x, time, focus_present_mask=focus)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, params, upstream(out), allow_unused=True)
+
+    x = torch.randn(2, 3, 5, 3, 3, dtype=torch.float64)
+    time, focus = torch.tensor([3.0, 7.0], dtype=torch.float64), torch.tensor([True, False])
+    patched = make(torch.float32)
+    assert tn_vdp.patch(patched, backend="cuda") == 5
+    with testing.cuda_emulation():
+        # The model's conv3d (oneDNN) rejects guard-page allocations; the kernels' bounds are checked above.
+        _ext._C_cuda_emu.set_guarded_allocation(False)
+        got = run(patched, x.float(), time.float(), focus)
+    want = run(make(torch.float64), x, time, focus)
+    assert_close(got[0], want[0], torch.float32, "fwd", "output")
+    names = [name for name, p in patched.named_parameters() if p.requires_grad]
+    assert len(names) >= 20
+    for name, g, w in zip(names, got[1], want[1]):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            assert_close(g, w, torch.float32, "grad", name)
+
+
+@needs_emulation
 def test_rotary_cuda_kernels_check_the_tables():
     """The CUDA ops check the tables as the other backends do (shape, rot_dim, dtype float32, contiguity)."""
     q = torch.randn(1, 4, 2, 1, 8)
