@@ -5,6 +5,7 @@ at their edge cases (T 1/17/97, rotated chunks with ragged tails, fp16/bf16 odd 
 reference against rotary-embedding-torch's own rotation; gradcheck (cpp, float64); opcheck of the four rotary
 ops; the backend reasons and bad input."""
 
+import inspect
 import itertools
 import math
 
@@ -323,6 +324,56 @@ def test_rotary_cuda_kernels_packed_and_deterministic(interleaved):
     assert_close(runs[0][0], expected, torch.float16, "fwd", "out")
     assert_close(runs[0][1], want[0], torch.float16, "grad", "dqkv")
     assert_close(runs[0][2], want[1], torch.float16, "grad", "dbias")
+
+
+def _emulation_options(*names):
+    """Skip unless testing.cuda_emulation() takes these keyword arguments (the race check and exact ends came with
+    a later emulation layer than some builds have)."""
+    missing = [n for n in names if n not in inspect.signature(testing.cuda_emulation).parameters]
+    if missing:
+        pytest.skip(f"this emulation layer has no cuda_emulation({', '.join(missing)}=...)")
+
+
+def _rotary_fwd_bwd(interleaved, dtype=torch.float32, D=37, rot_dim=34):
+    """One rotary temporal fwd+bwd on the cuda backend (inside cuda_emulation): out, dq, dk, dv, dbias."""
+    B, T, S, H = 2, 9, 3, 2
+    q, k, v = (torch.randn(B, T, S, H, D).to(dtype).requires_grad_(True) for _ in range(3))
+    bias = torch.randn(H, T, T, requires_grad=True)
+    cos, sin = tables(T, rot_dim, torch.float32, random=True)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments_for(B, T), causal=True,
+                                       rotary=(cos, sin), rotary_interleaved=interleaved, backend="cuda")  # fmt: skip
+    return [out, *torch.autograd.grad(out, (q, k, v, bias), upstream(out))], (q, k, v, bias, cos, sin)
+
+
+@needs_emulation
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_race_check_schedules_agree(interleaved):
+    """The emulation's race check: the threads of each block in thread order, then in reverse, between
+    synchronisation points; a shared-memory race would make the bits differ."""
+    _emulation_options("schedule")
+    results = []
+    for schedule in testing.SCHEDULES:
+        torch.manual_seed(3)
+        with testing.cuda_emulation(schedule=schedule):
+            results.append(_rotary_fwd_bwd(interleaved)[0])
+    for forward, reverse in zip(*results):
+        assert torch.equal(forward, reverse), "rotary temporal kernels: results differ between schedules (a race)"
+
+
+@needs_emulation
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_exact_ends_fp16(interleaved):
+    """Tensors that end exactly at the guard page: a read of a rotated partner past a row's end faults, and the
+    odd-D fp16 rows start misaligned."""
+    _emulation_options("exact_ends")
+    with testing.cuda_emulation(exact_ends=True):
+        got, (q, k, v, bias, cos, sin) = _rotary_fwd_bwd(interleaved, torch.float16)
+    inputs64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, bias)]
+    expected = temporal_attention_ref(*inputs64[:3], bias=inputs64[3], segment_ids=segments_for(2, 9), causal=True,
+                                      rotary=(cos.double(), sin.double()), rotary_interleaved=interleaved)  # fmt: skip
+    want = [expected, *torch.autograd.grad(expected, inputs64, upstream(expected))]
+    for name, g, w in zip(["out", "dq", "dk", "dv", "dbias"], got, want):
+        assert_close(g, w, torch.float16, "fwd" if name == "out" else "grad", name)
 
 
 @needs_emulation
