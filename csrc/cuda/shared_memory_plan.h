@@ -15,6 +15,8 @@
 //   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
+// The rotary temporal launches (temporal_attention_rotary_*) request the same bytes: q and k are rotated in
+// registers as their tiles load, and the backward's transpose rotation takes the partner column by a shuffle.
 #pragma once
 
 #include <cstdint>
