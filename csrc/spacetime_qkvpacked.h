@@ -1,6 +1,6 @@
-// The q, k, v of a packed (B, T, S, 3, H, D) qkv (plain and rotary packed ops): shared by the device-generic *_qkvpacked kernels
-// (csrc/spacetime_ops.cpp), the CUDA emulation layer's (csrc/emulation/cuda_emulation_module.cpp) and the CPU ones
-// (csrc/cpu/spacetime_*_cpu.cpp).
+// The q, k, v of a packed (B, T, S, 3, H, D) qkv (plain and rotary packed ops): shared by the device-generic
+// *_qkvpacked kernels (csrc/spacetime_ops.cpp), the CUDA emulation layer's (csrc/emulation/cuda_emulation_module.cpp)
+// and the CPU ones (csrc/cpu/spacetime_*_cpu.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
