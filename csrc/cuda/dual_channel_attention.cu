@@ -46,6 +46,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention_tc_fwd.h"
 #include "dual_channel_visibility.cuh"
 #include "dynamic_smem.cuh"
 #include "shared_memory_plan.h"
@@ -654,6 +655,12 @@ std::tuple<at::Tensor, at::Tensor> cogvideo_attention_fwd_cuda(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const bool* pad = text_pad_mask.has_value() ? text_pad_mask->const_data_ptr<bool>() : nullptr;
+  // float16 / bfloat16 with D <= 128 on sm_80+: the tensor-core kernel (attention_tc_fwd.cu), unless
+  // TORCHNOVA_CUDA_ATTENTION_KERNEL says otherwise.
+  if (attention_tc::use_tensor_core_forward(op, q, args.shape.head_dim)) {
+    attention_tc::cogvideo_attention_fwd(q, k, v, pad, args.layout, args.shape, out, lse);
+    return {out, lse};
+  }
   const bool vectorized = can_vectorize({&q, &k, &v});
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -14,6 +14,8 @@
 //   spatial_dq     4 * (2 * BQ + 2 * 32) * (D | 1),   BQ = 4 warps * (8 rows for D <= 128, else 4)
 //   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
+//   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
+//                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
 #pragma once
 
@@ -81,6 +83,19 @@ constexpr int64_t dual_bwd_bytes_of_bucket(int bucket) {
   return kFloatBytes * (4 * dual_tile_floats(bucket) + dual_score_floats(bucket) + 2 * dual_block(bucket));
 }
 
+// ----- Tensor-core attention forward (attention_tc_fwd.cu), float16 / bfloat16 only: a [64][P] Q tile and two
+// stages of [64][P] K and V tiles, 16-bit elements, P = the padded head dim 64 or 128.
+constexpr int kTcFwdWarps = 4;
+constexpr int kTcFwdBlockM = 64;  // query rows per block: 4 warps x 16
+constexpr int kTcFwdBlockN = 64;  // keys per streamed tile
+constexpr int kTcMaxHeadDim = 128;
+constexpr int64_t kTcElementBytes = 2;
+constexpr int tc_fwd_padded_head_dim(int D) { return D <= 64 ? 64 : 128; }
+constexpr int64_t tc_fwd_bytes_of_padded(int padded) {
+  return kTcElementBytes * (kTcFwdBlockM + 2 * 2 * kTcFwdBlockN) * int64_t(padded);
+}
+constexpr int64_t tc_fwd_bytes(int D) { return tc_fwd_bytes_of_padded(tc_fwd_padded_head_dim(D)); }
+
 // Bytes of the smallest launch of `kernel` (names in the table above) at frames T and head dim D; -1 for an
 // unknown kernel name or a shape outside the kernel's limits.
 inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
@@ -96,6 +111,7 @@ inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
   if (kernel == "spatial_dq") return spatial_dq_bytes(d);
   if (kernel == "cogvideo_fwd") return dual_fwd_bytes_of_bucket(dual_head_dim_bucket(d));
   if (kernel == "cogvideo_bwd") return dual_bwd_bytes_of_bucket(dual_head_dim_bucket(d));
+  if (kernel == "attention_tc_fwd") return d <= kTcMaxHeadDim ? tc_fwd_bytes(d) : -1;
   return -1;
 }
 
