@@ -18,6 +18,8 @@
 //                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 //   attention_tc_fwd_tf32  4 * (64 + 2 * 2 * 64) * 64: the same with fp32 tiles (fp32 inputs, TF32 mma), D <= 64
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
+// The rotary temporal launches (temporal_attention_rotary_*) request the same bytes: q and k are rotated in
+// registers as their tiles load, and the backward's transpose rotation takes the partner column by a shuffle.
 #pragma once
 
 #include <cstdint>
