@@ -562,7 +562,15 @@ _TC_BWD_BUCKETS = {32: (1, 32), 64: (33, 64), 128: (65, 128)}
 # kernel base name -> plan(template args, maxntid, arch, smem_fn) -> launches. Only kernels that use dynamic
 # shared memory need one; `checked` lists the shared_memory_plan.h kernels whose sizes the op's cuda reasons
 # compare with the device limit before the kernel can run (the backward's reasons include the forward's).
+def _tc_fwd_launches(targs: str, maxntid: int, arch: Arch, smem: SmemFn):
+    """attention_tc_fwd_kernel<scalar_t, kDPad, Visibility>: kDPad is the bucket; fp32 (TF32) tiles are 4-byte.
+    The launcher takes the tensor-core kernel only where its own plan fits (otherwise the SIMT kernel runs)."""
+    own = "attention_tc_fwd_tf32" if short_targs(targs).startswith("fp32") else "attention_tc_fwd"
+    return _bucket_launches(targs, maxntid, arch, smem, own, (own,))
+
+
 LAUNCH_PLANS = {
+    "attention_tc_fwd_kernel": _tc_fwd_launches,
     "spatial_fwd_kernel": _bucket("spatial_fwd", ("spatial_fwd",)),
     "spatial_dkdv_kernel": _bucket("spatial_dkdv", ("spatial_fwd", "spatial_dkdv", "spatial_dq")),
     "spatial_dq_kernel": _bucket("spatial_dq", ("spatial_fwd", "spatial_dkdv", "spatial_dq")),
