@@ -14,6 +14,8 @@
 //   spatial_dq     4 * (2 * BQ + 2 * 32) * (D | 1),   BQ = 4 warps * (8 rows for D <= 128, else 4)
 //   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
+//   tc_bwd_dkdv    2 * (2 * 64 + 2 * R) * (P + 8) + 4 * 2 * R    (tensor-core backward, attention_tc_bwd.cu; D <= 128)
+//   tc_bwd_dq      2 * (2 * 64 + 2 * R) * (P + 8)                 P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
 #pragma once
 
@@ -81,6 +83,25 @@ constexpr int64_t dual_bwd_bytes_of_bucket(int bucket) {
   return kFloatBytes * (4 * dual_tile_floats(bucket) + dual_score_floats(bucket) + 2 * dual_block(bucket));
 }
 
+// ----- Tensor-core backward (attention_tc_bwd.cu), spatial and CogVideo alike: 16-bit tiles of (P + 8) halves per
+// row (P = D padded to 32 / 64 / 128; the 16 extra bytes shift successive rows by 4 banks, so the 8 row addresses
+// of an ldmatrix hit 8 distinct 16-byte bank groups). A block owns 64 rows (4 warps x 16) of two tensors and
+// streams R rows of two others (R = 64, or 32 for P = 128 to bound the registers); the dK/dV kernel also keeps
+// lse and delta of the R streamed queries.
+constexpr int kTcBwdMaxHeadDim = 128;
+constexpr int kTcBwdOwnRows = 64;
+constexpr int kTcHalfBytes = 2;
+constexpr int tc_bwd_padded_dim(int D) { return D <= 32 ? 32 : (D <= 64 ? 64 : 128); }
+constexpr int tc_bwd_stream_rows(int padded) { return padded <= 64 ? 64 : 32; }
+constexpr int tc_bwd_row_halves(int padded) { return padded + 8; }
+constexpr int64_t tc_bwd_tiles_bytes(int padded) {
+  return int64_t(kTcHalfBytes) * (2 * kTcBwdOwnRows + 2 * tc_bwd_stream_rows(padded)) * tc_bwd_row_halves(padded);
+}
+constexpr int64_t tc_bwd_dkdv_bytes_of_padded(int padded) {
+  return tc_bwd_tiles_bytes(padded) + kFloatBytes * 2 * tc_bwd_stream_rows(padded);
+}
+constexpr int64_t tc_bwd_dq_bytes_of_padded(int padded) { return tc_bwd_tiles_bytes(padded); }
+
 // Bytes of the smallest launch of `kernel` (names in the table above) at frames T and head dim D; -1 for an
 // unknown kernel name or a shape outside the kernel's limits.
 inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
@@ -96,6 +117,11 @@ inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
   if (kernel == "spatial_dq") return spatial_dq_bytes(d);
   if (kernel == "cogvideo_fwd") return dual_fwd_bytes_of_bucket(dual_head_dim_bucket(d));
   if (kernel == "cogvideo_bwd") return dual_bwd_bytes_of_bucket(dual_head_dim_bucket(d));
+  if (kernel == "tc_bwd_dkdv" || kernel == "tc_bwd_dq") {
+    if (d > kTcBwdMaxHeadDim) return -1;
+    const int padded = tc_bwd_padded_dim(d);
+    return kernel == "tc_bwd_dkdv" ? tc_bwd_dkdv_bytes_of_padded(padded) : tc_bwd_dq_bytes_of_padded(padded);
+  }
   return -1;
 }
 
