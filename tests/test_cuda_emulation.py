@@ -28,19 +28,19 @@ def _emu():
     return _ext._C_cuda_emu
 
 
-def _check(fn, inputs, dtype, what, tensor_kwargs=None, **kwargs):
+def _check(fn, inputs, dtype, what, tensor_kwargs=None, emulation=None, **kwargs):
     """fn(*inputs, **tensor_kwargs, backend="cuda") under emulation vs the same in float64 with backend="reference":
-    the output and the gradient of every tensor that requires grad, for a random upstream gradient."""
+    the output and the gradient of every tensor that requires grad, for a random upstream gradient. The layer copies
+    every tensor argument of the emulated ops into memory that ends at a guard page, so reads past an input's end
+    fault. `emulation`: keyword arguments of cuda_emulation() (schedule, exact_ends)."""
     tensor_kwargs = tensor_kwargs or {}
     names = list(tensor_kwargs)
     tensors = list(inputs) + [tensor_kwargs[n] for n in names]
-    with testing.cuda_emulation():
-        # Contiguous inputs are copied inside the context, where every allocation ends at a guard page, so reads
-        # past their end fault (strided views keep their storage: their strides are the point of those tests).
-        guarded = [x.clone() if x.is_contiguous() else x for x in tensors]
-        out = fn(*guarded[: len(inputs)], backend="cuda", **dict(zip(names, guarded[len(inputs) :])), **kwargs)
-    upstream = torch.randn(out.shape, dtype=torch.float64)
-    out.backward(upstream.to(out.dtype))
+    upstream = None
+    with testing.cuda_emulation(**(emulation or {})):
+        out = fn(*tensors[: len(inputs)], backend="cuda", **dict(zip(names, tensors[len(inputs) :])), **kwargs)
+        upstream = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(upstream.to(out.dtype))
     ref_tensors = [x.detach().double().requires_grad_(x.requires_grad) for x in tensors]
     ref_kwargs = dict(zip(names, ref_tensors[len(inputs):]))
     ref = fn(*ref_tensors[: len(inputs)], backend="reference", **ref_kwargs, **kwargs)
@@ -110,6 +110,61 @@ def test_out_of_bounds_global_access_is_an_error():
         with pytest.raises(RuntimeError, match=r"thread \(28,0,0\): invalid memory access"):
             _emu()._test_shifted_copy(guarded, 4)
     assert torch.equal(_emu()._test_shifted_copy(x, 0), x)  # the layer still works after the faults
+
+
+def test_exact_ends_catch_reads_within_the_alignment_slack():
+    x = torch.arange(33.0)  # 132 bytes: the default guarded allocation leaves 12 bytes of slack before the page
+    with testing.cuda_emulation():
+        guarded = x.clone()
+        # Thread 32 reads x[33], one float past the end but inside the slack: not caught by default.
+        assert torch.equal(_emu()._test_shifted_copy(guarded, 1)[:32], x[1:])
+    with testing.cuda_emulation(exact_ends=True):
+        guarded = x.clone()
+        assert guarded.data_ptr() % 16 == 12  # the end touches the page; the start is only 4-byte aligned
+        with pytest.raises(RuntimeError, match=r"thread \(32,0,0\): invalid memory access"):
+            _emu()._test_shifted_copy(guarded, 1)
+
+
+def test_tensor_arguments_allocated_outside_the_context_are_copied_to_guarded_memory():
+    # What the registration of every emulated op does with its tensor arguments (cuda_emulation.h, SuffixedImpl).
+    x = torch.arange(32.0)  # the default allocator, outside cuda_emulation()
+    copy = _emu().guarded_copy(x)
+    assert torch.equal(copy, x) and copy.data_ptr() != x.data_ptr()
+    with pytest.raises(RuntimeError, match=r"thread \(28,0,0\): invalid memory access"):
+        _emu()._test_shifted_copy(copy, 4)
+    strided = torch.randn(4, 6)[:, ::2]
+    strided_copy = _emu().guarded_copy(strided)
+    assert strided_copy.stride() == strided.stride() and torch.equal(strided_copy, strided)
+    expanded = torch.randn(3, 1).expand(3, 5)  # overlapping elements: passed as they are
+    assert _emu().guarded_copy(expanded).data_ptr() == expanded.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "case", ["temporal", "spatial", "mesa", "mix", "cogvideo"]
+)
+def test_every_op_with_exact_ends(case):
+    """The tensors end exactly at the guard page: reads 1..15 bytes past an input's end fault, and inputs whose size
+    is not a multiple of 16 bytes start misaligned, so the kernels' alignment checks and unaligned paths run."""
+    dtype = torch.float16
+    exact = {"exact_ends": True}
+    if case == "temporal":
+        q, k, v = (torch.randn(2, 5, 3, 1, 33).to(dtype).requires_grad_() for _ in range(3))
+        _check(torchnova.temporal_attention, [q, k, v], dtype, "temporal exact ends", emulation=exact, causal=True)
+    elif case == "spatial":
+        q, k, v = (torch.randn(1, 2, 13, 1, 33).to(dtype).requires_grad_() for _ in range(3))
+        _check(torchnova.spatial_attention, [q, k, v], dtype, "spatial exact ends", emulation=exact)
+    elif case == "mesa":
+        z = torch.randn(3, 37).to(dtype).requires_grad_()
+        _check(torchnova.mesa_kl, [z, torch.randn(3, 37).to(dtype)], dtype, "mesa exact ends", emulation=exact)
+    elif case == "mix":
+        base, plus = (torch.randn(2, 7, 9).to(dtype).requires_grad_() for _ in range(2))
+        alpha = torch.randn(9).to(dtype).requires_grad_()
+        _check(torchnova.dual_channel_mix, [base, plus, alpha], dtype, "mix exact ends", emulation=exact, text_len=3)
+    else:
+        text_len, frames, grid = 3, 2, (1, 3)
+        q, k, v = (torch.randn(1, text_len + 6, 1, 33).to(dtype).requires_grad_() for _ in range(3))
+        _check(torchnova.cogvideo_attention, [q, k, v], dtype, "cogvideo exact ends", emulation=exact,
+               text_len=text_len, frames=frames, grid=grid, channel="plus", attention="window", window=1)  # fmt: skip
 
 
 def test_dynamic_shared_memory_overflow_and_unwritten_reads():
@@ -289,35 +344,76 @@ def _run_twice(fn):
         assert torch.equal(a, b)
 
 
+def _temporal():
+    q, k, v = (torch.randn(2, 9, 3, 2, 33, dtype=torch.float16).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, 9, 9, requires_grad=True)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, causal=True, backend="cuda")
+    out.backward(torch.randn_like(out))
+    return [out, q.grad, k.grad, v.grad, bias.grad]
+
+
+def _spatial(dtype=torch.float32):
+    q, k, v = (torch.randn(1, 2, 21, 1, 40).to(dtype).requires_grad_() for _ in range(3))
+    out = torchnova.spatial_attention(q, k, v, backend="cuda")
+    out.backward(torch.randn_like(out))
+    return [out, q.grad, k.grad, v.grad]
+
+
+def _spatial_half():
+    return _spatial(torch.float16)
+
+
+def _mesa():
+    z = torch.randn(5, 300, dtype=torch.bfloat16, requires_grad=True)
+    loss = torchnova.mesa_kl(z, torch.randn(5, 300, dtype=torch.bfloat16), backend="cuda")
+    loss.backward()
+    return [loss, z.grad]
+
+
+def _mix():
+    base, plus = (torch.randn(2, 9, 40).requires_grad_() for _ in range(2))
+    alpha = torch.randn(40, requires_grad=True)
+    y = torchnova.dual_channel_mix(base, plus, alpha, text_len=2, backend="cuda")
+    y.backward(torch.randn_like(y))
+    return [y, base.grad, plus.grad, alpha.grad]
+
+
+def _cogvideo(dtype=torch.float32):
+    text_len, frames, grid = 3, 2, (2, 4)
+    L = text_len + frames * 8
+    q, k, v = (torch.randn(2, L, 2, 24).to(dtype).requires_grad_() for _ in range(3))
+    pad = torch.ones(2, text_len, dtype=torch.bool)
+    pad[1, 2:] = False
+    out = torchnova.cogvideo_attention(q, k, v, text_len=text_len, frames=frames, grid=grid, channel="plus",
+                                       attention="window", window=2, text_pad_mask=pad, backend="cuda")
+    out.backward(torch.randn_like(out))
+    return [out, q.grad, k.grad, v.grad]
+
+
+def _cogvideo_half():
+    return _cogvideo(torch.float16)
+
+
+EVERY_KERNEL = [_temporal, _spatial, _spatial_half, _mesa, _mix, _cogvideo, _cogvideo_half]
+
+
 def test_reruns_are_bit_identical():
-    def temporal():
-        q, k, v = (torch.randn(2, 9, 3, 2, 33, dtype=torch.float16).requires_grad_() for _ in range(3))
-        bias = torch.randn(2, 9, 9, requires_grad=True)
-        out = torchnova.temporal_attention(q, k, v, bias=bias, causal=True, backend="cuda")
-        out.backward(torch.randn_like(out))
-        return [out, q.grad, k.grad, v.grad, bias.grad]
-
-    def spatial():
-        q, k, v = (torch.randn(1, 2, 21, 1, 40).requires_grad_() for _ in range(3))
-        out = torchnova.spatial_attention(q, k, v, backend="cuda")
-        out.backward(torch.randn_like(out))
-        return [out, q.grad, k.grad, v.grad]
-
-    def mesa():
-        z = torch.randn(5, 300, dtype=torch.bfloat16, requires_grad=True)
-        loss = torchnova.mesa_kl(z, torch.randn(5, 300, dtype=torch.bfloat16), backend="cuda")
-        loss.backward()
-        return [loss, z.grad]
-
-    def mix():
-        base, plus = (torch.randn(2, 9, 40).requires_grad_() for _ in range(2))
-        alpha = torch.randn(40, requires_grad=True)
-        y = torchnova.dual_channel_mix(base, plus, alpha, text_len=2, backend="cuda")
-        y.backward(torch.randn_like(y))
-        return [y, base.grad, plus.grad, alpha.grad]
-
-    for fn in (temporal, spatial, mesa, mix):
+    for fn in EVERY_KERNEL:
         _run_twice(fn)
+
+
+@pytest.mark.parametrize("fn", EVERY_KERNEL, ids=lambda fn: fn.__name__.strip("_"))
+def test_race_check_schedules_agree(fn):
+    """The race check: the threads of each block run in thread order, then in reverse order, between
+    synchronisation points. A shared-memory word one thread writes and another reads with no barrier between gives
+    results that depend on the order; the forward and backward kernels of every op must give identical bits."""
+    results = []
+    for schedule in testing.SCHEDULES:
+        torch.manual_seed(3)
+        with testing.cuda_emulation(schedule=schedule):
+            results.append(fn())
+    for forward, reverse in zip(*results):
+        assert torch.equal(forward, reverse), f"{fn.__name__}: results differ between schedules (a race)"
 
 
 def test_temporal_bias_gradient_deterministic_mode():

@@ -4,6 +4,7 @@
 // docs/cuda_emulation.md.
 #include "emulation/cuda_emulation.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/core/CPUAllocator.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -12,6 +13,7 @@
 
 #include <cinttypes>
 #include <cstdio>
+#include <deque>
 #include <exception>
 #include <mutex>
 #include <sstream>
@@ -118,6 +120,8 @@ DeviceProperties make_default_properties() {
 }
 
 DeviceProperties g_properties = make_default_properties();
+// The race check's second schedule: the fibers of a block run in reverse thread order (set_reverse_schedule).
+bool g_reverse_schedule = false;
 std::mutex g_optin_mutex;
 std::unordered_map<const void*, int> g_optin_bytes;
 
@@ -135,13 +139,40 @@ struct WarpOp {
   uint64_t result;
 };
 
+// A cp.async the thread issued: carried out when a cp_async_wait waits for its group.
+struct PendingCopy {
+  void* shared;
+  const void* global;
+  int bytes;
+  int src_bytes;
+};
+
 struct Fiber {
   FiberContext context;
   FiberState state;
   uint3 tid;
   int linear;
   WarpOp op;
+  std::vector<PendingCopy> uncommitted_copies;             // since the last cp_async_commit
+  std::deque<std::vector<PendingCopy>> committed_copies;  // oldest group first
 };
+
+// The operands of one lane at a tensor-core collective (WarpOp::bits points at it).
+struct MmaOperands {
+  float* d;
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+};
+struct LdmatrixOperands {
+  uint32_t* r;
+  const void* row;
+};
+
+void carry_out(const PendingCopy& copy) {
+  if (copy.src_bytes > 0) std::memcpy(copy.shared, copy.global, size_t(copy.src_bytes));
+  std::memset(static_cast<char*>(copy.shared) + copy.src_bytes, 0, size_t(copy.bytes - copy.src_bytes));
+}
 
 constexpr size_t kFiberStackBytes = 256 * 1024;
 
@@ -163,6 +194,10 @@ const char* op_name(WarpOpKind kind) {
       return "__all_sync";
     case WarpOpKind::kSyncWarp:
       return "__syncwarp";
+    case WarpOpKind::kMma:
+      return "mma.sync";
+    case WarpOpKind::kLdmatrix:
+      return "ldmatrix.sync";
   }
   return "?";
 }
@@ -262,6 +297,8 @@ struct BlockRunner {
     for (int i = 0; i < threads; ++i) {
       Fiber& f = fibers[i];
       f.state = FiberState::kRunnable;
+      f.uncommitted_copies.clear();
+      f.committed_copies.clear();
       f.linear = i;
       f.tid = {unsigned(i) % b.x, (unsigned(i) / b.x) % b.y, unsigned(i) / (b.x * b.y)};
       const size_t guard = size_t(getpagesize());
@@ -269,7 +306,8 @@ struct BlockRunner {
     }
     while (done < threads) {
       bool ran = false;
-      for (int i = 0; i < threads && !failed; ++i) {
+      for (int n = 0; n < threads && !failed; ++n) {
+        const int i = g_reverse_schedule ? threads - 1 - n : n;
         if (fibers[i].state == FiberState::kRunnable) {
           resume(i);
           ran = true;
@@ -327,6 +365,104 @@ struct BlockRunner {
                  std::to_string(done) + " exited)");
   }
 
+  static bool is_tensor_core(WarpOpKind kind) { return kind == WarpOpKind::kMma || kind == WarpOpKind::kLdmatrix; }
+
+  // Whether [address, address + bytes) lies in the launch's dynamic shared memory. Addresses outside the whole
+  // dynamic buffer are taken as static __shared__ variables (thread_local here), which cannot be told apart from
+  // other host memory.
+  void check_shared_range(const void* address, size_t bytes, const char* what) const {
+    const char* base = static_cast<const char*>(spec->dynamic_smem_base());
+    const char* p = static_cast<const char*>(address);
+    if (p < base || p >= base + spec->dynamic_smem_capacity) return;
+    if (p + bytes > base + spec->dynamic_smem_bytes) {
+      std::ostringstream s;
+      s << what << " reaches byte " << (p + bytes - base) << " of dynamic shared memory, but the launch requested "
+        << spec->dynamic_smem_bytes << " bytes";
+      device_error(s.str());
+    }
+  }
+
+  // mma.sync / ldmatrix.sync with all 32 lanes of the warp at `warp_base` present, same variant (checked by
+  // try_complete). Inputs are gathered from every lane before any output is written (d may alias c).
+  void complete_tensor_core(int warp_base) {
+    const WarpOp& op = fibers[warp_base].op;
+    if (op.kind == WarpOpKind::kMma) {
+      const auto kind = static_cast<MmaKind>(op.arg);
+      const bool tf32 = kind == MmaKind::kM16N8K8TF32;
+      const int k_size = tf32 ? 8 : 16;
+      float a[16][16], b[16][8], c[16][8];
+      auto half_value = [kind](uint32_t bits16) -> float {
+        return kind == MmaKind::kM16N8K16F16 ? float(c10::Half(uint16_t(bits16), c10::Half::from_bits()))
+                                             : float(c10::BFloat16(uint16_t(bits16), c10::BFloat16::from_bits()));
+      };
+      // The tensor cores read only the tf32 bits of a 32-bit operand (sign, exponent, 10 mantissa bits).
+      auto tf32_value = [](uint32_t bits) { return bit_cast<float>(bits & 0xffffe000u); };
+      for (int lane = 0; lane < 32; ++lane) {
+        const auto* in = reinterpret_cast<const MmaOperands*>(fibers[warp_base + lane].op.bits);
+        const int group = lane / 4, quad = lane % 4;
+        if (tf32) {
+          a[group][quad] = tf32_value(in->a[0]);
+          a[group + 8][quad] = tf32_value(in->a[1]);
+          a[group][quad + 4] = tf32_value(in->a[2]);
+          a[group + 8][quad + 4] = tf32_value(in->a[3]);
+          b[quad][group] = tf32_value(in->b[0]);
+          b[quad + 4][group] = tf32_value(in->b[1]);
+        } else {
+          for (int reg = 0; reg < 4; ++reg) {
+            const int row = group + 8 * (reg & 1), col = 2 * quad + 8 * (reg >> 1);
+            a[row][col] = half_value(in->a[reg] & 0xffffu);
+            a[row][col + 1] = half_value(in->a[reg] >> 16);
+          }
+          for (int reg = 0; reg < 2; ++reg) {
+            const int k = 2 * quad + 8 * reg;
+            b[k][group] = half_value(in->b[reg] & 0xffffu);
+            b[k + 1][group] = half_value(in->b[reg] >> 16);
+          }
+        }
+        for (int reg = 0; reg < 4; ++reg) c[group + 8 * (reg >> 1)][2 * quad + (reg & 1)] = in->c[reg];
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        const auto* out = reinterpret_cast<const MmaOperands*>(fibers[warp_base + lane].op.bits);
+        const int group = lane / 4, quad = lane % 4;
+        for (int reg = 0; reg < 4; ++reg) {
+          const int row = group + 8 * (reg >> 1), col = 2 * quad + (reg & 1);
+          // fp32 accumulation in k order; the products of 16-bit and tf32 inputs are exact in fp32.
+          float acc = c[row][col];
+          for (int k = 0; k < k_size; ++k) acc = std::fma(a[row][k], b[k][col], acc);
+          out->d[reg] = acc;
+        }
+      }
+      return;
+    }
+    // ldmatrix: arg = 2 * matrices + transpose.
+    const int matrices = op.arg / 2;
+    const bool transpose = op.arg % 2 != 0;
+    uint16_t m[4][8][8];
+    for (int j = 0; j < matrices; ++j) {
+      for (int row = 0; row < 8; ++row) {
+        const int lane = 8 * j + row;
+        const auto* in = reinterpret_cast<const LdmatrixOperands*>(fibers[warp_base + lane].op.bits);
+        if (reinterpret_cast<uintptr_t>(in->row) % 16 != 0) {
+          std::ostringstream s;
+          s << "ldmatrix: lane " << lane << " gives row address " << in->row
+            << ", which is not 16-byte aligned (a GPU raises a misaligned-address error)";
+          device_error(s.str());
+        }
+        check_shared_range(in->row, 16, "ldmatrix row");
+        std::memcpy(m[j][row], in->row, 16);
+      }
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+      const auto* out = reinterpret_cast<const LdmatrixOperands*>(fibers[warp_base + lane].op.bits);
+      const int row = lane / 4, col = 2 * (lane % 4);
+      for (int j = 0; j < matrices; ++j) {
+        const uint32_t low = transpose ? m[j][col][row] : m[j][row][col];
+        const uint32_t high = transpose ? m[j][col + 1][row] : m[j][row][col + 1];
+        out->r[j] = low | (high << 16);
+      }
+    }
+  }
+
   // Called by the fiber arriving at a collective (state kAtWarpOp already set). Completes it when every lane of
   // the mask is there; throws when the mask names a lane that cannot take part.
   void try_complete(int me) {
@@ -344,13 +480,21 @@ struct BlockRunner {
       }
       const Fiber& f = fibers[other];
       if (f.state == FiberState::kRunnable) return;  // not there yet
-      if (f.state == FiberState::kAtWarpOp && f.op.kind == self.op.kind && f.op.mask == mask) continue;
+      if (f.state == FiberState::kAtWarpOp && f.op.kind == self.op.kind && f.op.mask == mask &&
+          (!is_tensor_core(f.op.kind) || f.op.arg == self.op.arg)) {
+        continue;
+      }
       std::ostringstream s;
       s << op_name(self.op.kind) << " mask 0x" << std::hex << mask << std::dec << " names lane " << lane << ", but "
         << describe_thread(other) << " " << describe_state(other);
       device_error(s.str());
     }
     // Everyone is here: compute every lane's result.
+    if (is_tensor_core(self.op.kind)) {
+      complete_tensor_core(warp_base);
+      for (int lane = 0; lane < 32; ++lane) fibers[warp_base + lane].state = FiberState::kRunnable;
+      return;
+    }
     uint64_t vote = 0;
     bool all = true;
     for (int lane = 0; lane < 32; ++lane) {
@@ -405,6 +549,8 @@ struct BlockRunner {
           f.op.result = all;
           break;
         case WarpOpKind::kSyncWarp:
+        case WarpOpKind::kMma:  // completed by complete_tensor_core above
+        case WarpOpKind::kLdmatrix:
           f.op.result = 0;
           break;
       }
@@ -422,6 +568,12 @@ void BlockRunner::fiber_main() {
   const int me = r.current;
   try {
     r.spec->body(r.spec->ctx);
+    // cp.async copies never waited for still land (a GPU completes them); nobody can read them any more.
+    Fiber& self = r.fibers[me];
+    for (const auto& group : self.committed_copies) {
+      for (const PendingCopy& copy : group) carry_out(copy);
+    }
+    for (const PendingCopy& copy : self.uncommitted_copies) carry_out(copy);
   } catch (const c10::Error& e) {
     r.failed = true;
     r.error = e.what_without_backtrace();
@@ -505,11 +657,17 @@ void install_fault_handler() {
 // start is caught only past the page boundary below the data (a buffer cannot end and start on a page boundary).
 // The data start stays 16-byte aligned, so the kernels take the same vectorised paths as with the default
 // allocator.
+// set_guarded_allocation(true, exact_ends=true): tensors end exactly at the guard page (no 16-byte slack), so a
+// read 1..15 bytes past the end faults too; the data start is then only as aligned as the size in bytes, and the
+// kernels must take their unaligned paths (their alignment checks are exercised as well).
+bool g_exact_ends = false;
+
 class GuardedAllocator final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t bytes) override {
     const size_t page = size_t(getpagesize());
-    const size_t rounded = (bytes + 15) & ~size_t(15);
+    // Exact ends: the last byte touches the guard page, and the start is only as aligned as `bytes` is.
+    const size_t rounded = g_exact_ends ? bytes : (bytes + 15) & ~size_t(15);
     const size_t data_pages = (rounded + page - 1) / page;
     const size_t total = (data_pages + 2) * page;
     void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -615,6 +773,61 @@ uint64_t warp_collective(WarpOpKind kind, unsigned mask, uint64_t bits, int arg,
   return r.fibers[me].op.result;
 }
 
+void tensor_core_mma(MmaKind kind, float d[4], const uint32_t a[4], const uint32_t b[2], const float c[4]) {
+  const MmaOperands operands{d, a, b, c};
+  warp_collective(WarpOpKind::kMma, 0xffffffffu, reinterpret_cast<uint64_t>(&operands), int(kind), 32);
+}
+
+void tensor_core_ldmatrix(int matrices, bool transpose, uint32_t* r, const void* shared_row) {
+  const LdmatrixOperands operands{r, shared_row};
+  warp_collective(WarpOpKind::kLdmatrix, 0xffffffffu, reinterpret_cast<uint64_t>(&operands),
+                  2 * matrices + (transpose ? 1 : 0), 32);
+}
+
+void cp_async(void* shared, const void* global, int bytes, int src_bytes) {
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(in_fiber(), "CUDA emulation: cp.async called outside a kernel");
+  if (bytes != 16 || src_bytes < 0 || src_bytes > bytes) {
+    device_error("cp.async.cg copies 16 bytes with a source size in 0..16, got " + std::to_string(bytes) + " and " +
+                 std::to_string(src_bytes));
+  }
+  if (reinterpret_cast<uintptr_t>(shared) % 16 != 0 || reinterpret_cast<uintptr_t>(global) % 16 != 0) {
+    std::ostringstream s;
+    s << "cp.async of 16 bytes needs 16-byte aligned addresses, got shared " << shared << " and global " << global;
+    device_error(s.str());
+  }
+  r.check_shared_range(shared, 16, "cp.async destination");
+  r.fibers[r.current].uncommitted_copies.push_back({shared, global, bytes, src_bytes});
+}
+
+void cp_async_commit() {
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(in_fiber(), "CUDA emulation: cp.async.commit_group called outside a kernel");
+  Fiber& f = r.fibers[r.current];
+  f.committed_copies.push_back(std::move(f.uncommitted_copies));
+  f.uncommitted_copies.clear();
+}
+
+void cp_async_wait(int newer_groups_allowed) {
+  BlockRunner& r = tl_runner;
+  TORCH_CHECK(in_fiber(), "CUDA emulation: cp.async.wait_group called outside a kernel");
+  Fiber& f = r.fibers[r.current];
+  while (int(f.committed_copies.size()) > newer_groups_allowed) {
+    for (const PendingCopy& copy : f.committed_copies.front()) carry_out(copy);
+    f.committed_copies.pop_front();
+  }
+}
+
+uint32_t float_to_tf32_bits(float x) {
+  uint32_t bits = bit_cast<uint32_t>(x);
+  if ((bits & 0x7f800000u) == 0x7f800000u) return bits;  // inf and NaN pass through
+  // Round to nearest, ties away from zero, at mantissa bit 13 (the magnitude bits carry into the exponent).
+  return (bits + 0x1000u) & 0xffffe000u;
+}
+
+void set_reverse_schedule(bool reverse) { g_reverse_schedule = reverse; }
+bool reverse_schedule() { return g_reverse_schedule; }
+
 void block_barrier() {
   BlockRunner& r = tl_runner;
   TORCH_CHECK(in_fiber(), "CUDA emulation: __syncthreads called outside a kernel");
@@ -623,7 +836,18 @@ void block_barrier() {
   r.yield();
 }
 
-void set_guarded_allocation(bool enabled) {
+at::Tensor guarded_copy(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || at::has_internal_overlap(t) == at::MemOverlap::Yes) return t;
+  const bool was_enabled = g_saved_allocator != nullptr;
+  set_guarded_allocation(true, g_exact_ends);
+  at::Tensor copy = at::empty_strided(t.sizes(), t.strides(), t.options());
+  if (!was_enabled) set_guarded_allocation(false, g_exact_ends);
+  copy.copy_(t);
+  return copy;
+}
+
+void set_guarded_allocation(bool enabled, bool exact_ends) {
+  g_exact_ends = enabled && exact_ends;
   if (enabled) {
     if (g_saved_allocator != nullptr) return;
     g_saved_allocator = c10::GetCPUAllocator();

@@ -95,7 +95,10 @@ constexpr int warpSize = 32;
 
 namespace torchnova_emu {
 
-enum class WarpOpKind : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncWarp };
+enum class WarpOpKind : int {
+  kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncWarp,
+  kMma, kLdmatrix  // the tensor-core twins below: `bits` points at the lane's operands, `arg` names the variant
+};
 
 // A warp collective of the calling fiber: waits until every lane of `mask` has arrived at the same collective,
 // returns this lane's result (shuffled bits, or the vote). Throws on a bad mask.
@@ -117,6 +120,12 @@ void cp_async_commit();
 void cp_async_wait(int newer_groups_allowed);
 // cvt.rna.tf32.f32 as bits.
 uint32_t float_to_tf32_bits(float x);
+
+// The race check: between synchronisation points the fibers of a block run one after another, in thread order
+// (default) or in reverse thread order. A shared-memory race (a word written by one thread and read or written by
+// another with no barrier between) gives results that depend on that order; tests run kernels both ways and compare.
+void set_reverse_schedule(bool reverse);
+bool reverse_schedule();
 // Throws a c10::Error naming the current kernel, block and thread (or the host context), with `what`.
 [[noreturn]] void device_error(const std::string& what);
 
@@ -535,11 +544,29 @@ inline c10::DeviceIndex current_device() { return 0; }  // the one emulated devi
 // the CPU kernels of torchnova::<op>_cuda_emu instead (schemas: cuda_emulation_module.cpp), so this module never
 // touches the real ops, and the Python layer picks the _cuda_emu ops only inside testing.cuda_emulation().
 namespace torchnova_emu {
+// A copy of `t` in memory from the guarded allocator (its last byte against a guard page, same sizes and
+// strides), so the kernels' out-of-bounds reads of inputs fault too, wherever the caller allocated them (outside
+// cuda_emulation(), or a view into a larger buffer). Tensors whose elements overlap (expanded, stride 0) are passed
+// as they are.
+void set_guarded_allocation(bool enabled, bool exact_ends);
+at::Tensor guarded_copy(const at::Tensor& t);
+inline std::optional<at::Tensor> guarded_copy(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return guarded_copy(*t);
+}
+template <typename T>
+decltype(auto) guarded_copy(T&& value) {
+  return std::forward<T>(value);
+}
+
 class SuffixedImpl {
  public:
-  template <typename Func>
-  SuffixedImpl& impl(const char* name, Func&& fn) {
-    library().impl((std::string(name) + "_cuda_emu").c_str(), std::forward<Func>(fn));
+  // Registers `fn` (a host function of a .cu file) as the CPU kernel of torchnova::<name>_cuda_emu, its tensor
+  // arguments first copied to guarded memory (guarded_copy).
+  template <typename R, typename... Args>
+  SuffixedImpl& impl(const char* name, R (*fn)(Args...)) {
+    library().impl((std::string(name) + "_cuda_emu").c_str(),
+                   [fn](Args... args) -> R { return fn(guarded_copy(args)...); });
     return *this;
   }
 

@@ -21,7 +21,9 @@
 
 namespace torchnova_emu {
 void set_device_limits(int multiprocessors, size_t smem_optin_bytes);
-void set_guarded_allocation(bool enabled);
+void set_guarded_allocation(bool enabled, bool exact_ends);
+void set_reverse_schedule(bool reverse);
+bool reverse_schedule();
 namespace testing {
 void bind(pybind11::module& module);
 }
@@ -88,8 +90,16 @@ PYBIND11_MODULE(_C_cuda_emu, module) {
       },
       pybind11::arg("multiprocessors"), pybind11::arg("smem_optin_bytes"));
   module.def("set_guarded_allocation", &torchnova_emu::set_guarded_allocation, pybind11::arg("enabled"),
+             pybind11::arg("exact_ends") = false,
              "CPU tensors allocated while enabled end at a guard page (out-of-bounds kernel accesses fault, and the "
-             "launch reports them)");
+             "launch reports them); exact_ends: no 16-byte alignment slack before the guard page");
+  module.def("set_reverse_schedule", &torchnova_emu::set_reverse_schedule, pybind11::arg("reverse"),
+             "the race check: run the threads of a block in reverse order between synchronisation points");
+  module.def("reverse_schedule", &torchnova_emu::reverse_schedule);
+  module.def(
+      "guarded_copy", [](const at::Tensor& t) { return torchnova_emu::guarded_copy(t); }, pybind11::arg("tensor"),
+      "what every emulated op does with its tensor arguments: a copy (same sizes and strides) that ends at a guard "
+      "page");
   module.def("device_limits", []() {
     const auto* p = at::cuda::getCurrentDeviceProperties();
     pybind11::dict d;
