@@ -47,7 +47,8 @@
 #include <tuple>
 
 #include "attention_tc_bwd.h"
-#include "dual_channel_visibility.h"
+#include "attention_tc_fwd.h"
+#include "dual_channel_visibility.cuh"
 #include "dynamic_smem.cuh"
 #include "shared_memory_plan.h"
 
@@ -56,6 +57,9 @@ namespace {
 
 namespace vis = ::torchnova::dual_channel;
 using Layout = vis::Layout;
+using dual_channel_cuda::AttentionShape;
+using dual_channel_cuda::pair_visible;
+using dual_channel_cuda::tiles_interact;
 
 constexpr int kMaxHeadDim = 256;
 constexpr int kPacketBytes = 16;
@@ -81,12 +85,6 @@ struct Tiling {
                 "shared_memory_plan.h must match the dual-channel tiling");
 };
 
-struct AttentionShape {
-  int64_t batch, seq_len, heads, text_len;
-  int head_dim;
-  int64_t tiles;  // ceil(L / kBlock)
-  float scale;    // 1 / sqrt(D)
-};
 
 // Strides of B, L and H of one (B, L, H, D) tensor (the stride of D is 1).
 struct TokenStrides {
@@ -157,26 +155,6 @@ __device__ __forceinline__ void store_tile(scalar_t* __restrict__ out,       // 
           static_cast<scalar_t>(tile[row * T::kStride + d]);
     }
   }
-}
-
-// Whether key `key` is visible from query `query` of batch b: in range, not padded text, and the layout rule.
-// Token indices fit in int (the host checks L < 2^31), the header's index type.
-__device__ __forceinline__ bool pair_visible(const Layout& layout, const bool* __restrict__ text_pad_mask,
-                                             int64_t b, int64_t query, int64_t key, const AttentionShape& shape) {
-  const int64_t text_len = shape.text_len;
-  if (query >= shape.seq_len || key >= shape.seq_len) return false;
-  if (key < text_len && text_pad_mask != nullptr && !text_pad_mask[b * text_len + key]) return false;
-  return vis::key_visible(layout, static_cast<int>(query), static_cast<int>(key));
-}
-
-// Whether some pair of query tile [q_first, q_first + kBlock) x key tile [k_first, k_first + kBlock), both
-// clipped to L, may be visible (false: skip the tile). Same value in every thread of a block.
-__device__ __forceinline__ bool tiles_interact(const Layout& layout, int64_t q_first, int64_t k_first, int block,
-                                               int64_t seq_len) {
-  const int64_t q_end = q_first + block < seq_len ? q_first + block : seq_len;
-  const int64_t k_end = k_first + block < seq_len ? k_first + block : seq_len;
-  return vis::block_may_see(layout, static_cast<int>(q_first), static_cast<int>(q_end), static_cast<int>(k_first),
-                            static_cast<int>(k_end));
 }
 
 // Sum and max over the 4 lanes (tid % 4) that share a token; lanes 4n..4n+3 of a warp, so xor 1 and 2 stay inside.
@@ -280,7 +258,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) acc[i] = 0.f;
 
   for (int64_t k_first = 0; k_first < shape.seq_len; k_first += T::kBlock) {
-    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
+    if (!tiles_interact(layout, q_first, T::kBlock, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with k_tile, v_tile, p_tile (and q_tile is loaded)
     load_tile<scalar_t, kHeadDimMax>(k_tile, k_view, k_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(v_tile, v_view, k_first, shape.seq_len, shape.head_dim, vectorized);
@@ -408,7 +386,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) dk_acc[i] = dv_acc[i] = 0.f;
 
   for (int64_t q_first = 0; q_first < shape.seq_len; q_first += T::kBlock) {
-    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
+    if (!tiles_interact(layout, q_first, T::kBlock, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with q_tile, do_tile, s_tile
     load_tile<scalar_t, kHeadDimMax>(q_tile, q_view, q_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(do_tile, go_view, q_first, shape.seq_len, shape.head_dim, vectorized);
@@ -492,7 +470,7 @@ __global__ void __launch_bounds__(Tiling<kHeadDimMax>::kThreads)
   for (int i = 0; i < T::kSlices; ++i) dq_acc[i] = 0.f;
 
   for (int64_t k_first = 0; k_first < shape.seq_len; k_first += T::kBlock) {
-    if (!tiles_interact(layout, q_first, k_first, T::kBlock, shape.seq_len)) continue;
+    if (!tiles_interact(layout, q_first, T::kBlock, k_first, T::kBlock, shape.seq_len)) continue;
     __syncthreads();  // the previous iteration is done with k_tile, v_tile, s_tile (and the own tiles are loaded)
     load_tile<scalar_t, kHeadDimMax>(k_tile, k_view, k_first, shape.seq_len, shape.head_dim, vectorized);
     load_tile<scalar_t, kHeadDimMax>(v_tile, v_view, k_first, shape.seq_len, shape.head_dim, vectorized);
@@ -678,6 +656,12 @@ std::tuple<at::Tensor, at::Tensor> cogvideo_attention_fwd_cuda(
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const bool* pad = text_pad_mask.has_value() ? text_pad_mask->const_data_ptr<bool>() : nullptr;
+  // float16 / bfloat16 with D <= 128 on sm_80+: the tensor-core kernel (attention_tc_fwd.cu), unless
+  // TORCHNOVA_CUDA_ATTENTION_KERNEL says otherwise.
+  if (attention_tc::use_tensor_core_forward(op, q, args.shape.head_dim)) {
+    attention_tc::cogvideo_attention_fwd(q, k, v, pad, args.layout, args.shape, out, lse);
+    return {out, lse};
+  }
   const bool vectorized = can_vectorize({&q, &k, &v});
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -16,6 +16,8 @@
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
 //   tc_bwd_dkdv    2 * (2 * 64 + 2 * R) * (P + 8) + 4 * 2 * R    (tensor-core backward, attention_tc_bwd.cu; D <= 128)
 //   tc_bwd_dq      2 * (2 * 64 + 2 * R) * (P + 8)                 P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
+//   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
+//                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
 #pragma once
 
@@ -101,6 +103,18 @@ constexpr int64_t tc_bwd_dkdv_bytes_of_padded(int padded) {
   return tc_bwd_tiles_bytes(padded) + kFloatBytes * 2 * tc_bwd_stream_rows(padded);
 }
 constexpr int64_t tc_bwd_dq_bytes_of_padded(int padded) { return tc_bwd_tiles_bytes(padded); }
+// ----- Tensor-core attention forward (attention_tc_fwd.cu), float16 / bfloat16 only: a [64][P] Q tile and two
+// stages of [64][P] K and V tiles, 16-bit elements, P = the padded head dim 64 or 128.
+constexpr int kTcFwdWarps = 4;
+constexpr int kTcFwdBlockM = 64;  // query rows per block: 4 warps x 16
+constexpr int kTcFwdBlockN = 64;  // keys per streamed tile
+constexpr int kTcMaxHeadDim = 128;
+constexpr int64_t kTcElementBytes = 2;
+constexpr int tc_fwd_padded_head_dim(int D) { return D <= 64 ? 64 : 128; }
+constexpr int64_t tc_fwd_bytes_of_padded(int padded) {
+  return kTcElementBytes * (kTcFwdBlockM + 2 * 2 * kTcFwdBlockN) * int64_t(padded);
+}
+constexpr int64_t tc_fwd_bytes(int D) { return tc_fwd_bytes_of_padded(tc_fwd_padded_head_dim(D)); }
 
 // Bytes of the smallest launch of `kernel` (names in the table above) at frames T and head dim D; -1 for an
 // unknown kernel name or a shape outside the kernel's limits.
@@ -122,6 +136,7 @@ inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
     const int padded = tc_bwd_padded_dim(d);
     return kernel == "tc_bwd_dkdv" ? tc_bwd_dkdv_bytes_of_padded(padded) : tc_bwd_dq_bytes_of_padded(padded);
   }
+  if (kernel == "attention_tc_fwd") return d <= kTcMaxHeadDim ? tc_fwd_bytes(d) : -1;
   return -1;
 }
 

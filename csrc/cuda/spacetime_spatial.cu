@@ -11,7 +11,8 @@
 // Shapes (op schemas in csrc/spacetime_ops.cpp): q, k, v, grad_out, out (B, T, S, H, D) float32/float16/bfloat16
 // with any strides and stride(-1) == 1; lse (B, T, S, H) float32; outputs contiguous. D in 1..256, any S.
 //
-// Kernels (SIMT, fp32 accumulation; FlashAttention-2 tiling, no tensor cores yet). Head dims are bucketed into
+// Kernels (SIMT, fp32 accumulation; FlashAttention-2 tiling). The forward of float16 / bfloat16 with D <= 128 on
+// sm_80+ runs on the tensor-core kernel of attention_tc_fwd.cu instead (see spatial_attention_fwd_cuda). Head dims are bucketed into
 // compile-time maxima kDMax = 64 / 128 / 256 (per-lane register arrays of kDMax / 32 columns); the runtime D
 // bounds every loop. Shared tiles are fp32 [rows][ld] with ld = D | 1 (odd: lanes reading one column of 32 rows
 // hit distinct banks; lanes reading 32 columns of one row are consecutive words). Rows past S are zero-filled
@@ -41,6 +42,7 @@
 #include <tuple>
 
 #include "attention_tc_bwd.h"
+#include "attention_tc_fwd.h"
 #include "spacetime_common.cuh"
 
 namespace torchnova {
@@ -442,6 +444,12 @@ std::tuple<at::Tensor, at::Tensor> spatial_attention_fwd_cuda(const at::Tensor& 
   const int64_t B = q.size(0), T = q.size(1), S = q.size(2), H = q.size(3);
   const int D = static_cast<int>(q.size(4));
   if (out.numel() == 0) return {out, lse};
+  // float16 / bfloat16 with D <= 128 on sm_80+: the tensor-core kernel (attention_tc_fwd.cu), unless
+  // TORCHNOVA_CUDA_ATTENTION_KERNEL says otherwise.
+  if (attention_tc::use_tensor_core_forward(op, q, D)) {
+    attention_tc::spatial_attention_fwd(q, k, v, scale, out, lse);
+    return {out, lse};
+  }
 
   const int64_t query_blocks = (S + kFwdBlockQ - 1) / kFwdBlockQ;
   const unsigned blocks = checked_grid(op, B * T * H * query_blocks);

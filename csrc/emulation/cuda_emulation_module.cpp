@@ -29,6 +29,14 @@ void bind(pybind11::module& module);
 }
 }  // namespace torchnova_emu
 
+// Launches of the tensor-core attention forward kernel (csrc/cuda/attention_tc_fwd.h; the header itself needs the
+// kernel-side includes, so only this declaration is repeated here).
+namespace torchnova {
+namespace attention_tc __attribute__((visibility("hidden"))) {
+int64_t forward_launches();
+}  // namespace attention_tc
+}  // namespace torchnova
+
 namespace {
 
 constexpr const char* kEmulatedOps[] = {
@@ -108,5 +116,7 @@ PYBIND11_MODULE(_C_cuda_emu, module) {
     d["smem_optin_bytes"] = int64_t(p->sharedMemPerBlockOptin);
     return d;
   });
+  module.def("tensor_core_forward_launches", &torchnova::attention_tc::forward_launches,
+             "Launches of the tensor-core attention forward kernel so far (tests check which kernel ran)");
   torchnova_emu::testing::bind(module);
 }
