@@ -1,10 +1,11 @@
 // Tensor-core backward of softmax attention (FlashAttention-2 order) for spatial_attention and cogvideo_attention:
 // mma.sync m16n8k16 with float16 / bfloat16 operands and float32 accumulation, fed by ldmatrix from shared memory
-// (csrc/cuda/tensor_core.cuh). Deterministic: no atomics, every output element is written once by one thread.
+// (csrc/cuda/tensor_core.cuh through flash_tc.cuh). Deterministic: no atomics, every output element is written
+// once by one thread.
 //
 // Math, per problem (spatial: one (b, t, h) over the S tokens of frame t; CogVideo: one (b, h) over L tokens,
-// passed as T = 1), scale s, visible(i, j) = true (spatial) or the CogVideo rule (csrc/dual_channel_visibility.h
-// plus text_pad_mask), lse and delta_i = sum_d dO_id O_id from the forward and the delta kernel of the caller:
+// passed as T = 1), scale s, visible(i, j) = true (spatial) or the CogVideo rule (dual_channel_visibility.cuh:
+// layout rule and text_pad_mask), lse from the forward and delta_i = sum_d dO_id O_id from the caller's delta kernel:
 //   S_ij = q_i . k_j,   P_ij = exp(s S_ij - lse_i) if visible(i, j) else 0   (lse_i = +inf: row sees nothing, P = 0)
 //   dV_j = sum_i P_ij dO_i,   dP_ij = dO_i . v_j,   dS_ij = P_ij (dP_ij - delta_i)
 //   dK_j = s sum_i dS_ij q_i, dQ_i = s sum_j dS_ij k_j
@@ -13,23 +14,26 @@
 // lse, delta (B, T, S, H) float32 contiguous; dq, dk, dv (B, T, S, H, D) contiguous. 1 <= D <= 128.
 //
 // Kernels (4 warps; a warp owns 16 rows of the block's 64; blockIdx.x = problem * row_blocks + row_block):
-//   tc_bwd_dkdv_kernel  key-parallel: the block keeps its 64 keys' K and V tiles; streams query tiles of R rows
-//                       (Q, dO, lse, delta); per warp S^T = K Q^T and dP^T = V dO^T (16 x R, mma), P^T, dS^T in
-//                       registers, then dV += P^T dO and dK += dS^T Q (the C fragments of P^T / dS^T are
-//                       exactly the A fragments of the next product after packing to 16 bits, as in FA2).
-//   tc_bwd_dq_kernel    query-parallel: the block keeps its 64 queries' Q and dO tiles and their lse / delta in
-//                       registers; streams key tiles of R rows (K, V); S = Q K^T, dP = dO V^T, dS, dQ += dS K.
-// Cost: 7 GEMMs of N^2 D per problem (dkdv: S, dP, dV, dK; dq: S, dP, dQ) against FA2's 5 with an atomic fp32 dQ
-// accumulation inside the key-parallel loop: 40% more tensor-core FLOPs, bought for bitwise-deterministic dQ
-// (atomicAdd order varies run to run) and no fp32 dQ scratch buffer. Issue 16 allows atomics only behind an
-// option; none is offered yet.
-// Tiles live in shared memory as 16-bit rows of P + 8 halves (P = D padded to 32 / 64 / 128 with zeros); the
-// 16-byte pad makes the 8 rows an ldmatrix reads fall in 8 different bank groups. Rows past S are zeros, columns
-// past D are zeros, so they add nothing to the products; P of a query past S is 0 (lse = +inf), P of a key past S
-// is masked. Tiles are loaded with cp.async when every row is 16-byte aligned (D % 8 == 0, strides and base
-// aligned), else element by element; one stage (no double buffering yet).
+//   tc_bwd_dkdv_kernel  key-parallel: the block keeps its 64 keys' K and V tiles and streams query tiles of R rows
+//                       (Q, dO, lse, delta); per warp S^T = K Q^T and dP^T = V dO^T (16 x R), P^T and dS^T in
+//                       registers, then dV += P^T dO and dK += dS^T Q (the C fragments of P^T / dS^T, packed to
+//                       16 bits, are the A fragments of the next product, as in FlashAttention-2).
+//   tc_bwd_dq_kernel    query-parallel: the block keeps its 64 queries' Q and dO tiles (their lse / delta in
+//                       registers) and streams key tiles of R rows (K, V); S = Q K^T, dP = dO V^T, dS, dQ += dS K.
+// R = 64 rows (32 at padded D = 128, to bound the registers).
+// Cost: 7 GEMMs of 2 N^2 D per problem (dK/dV kernel: S, dP, dV, dK; dQ kernel: S, dP, dQ) against
+// FlashAttention-2's 5, which accumulates dQ with fp32 atomicAdd inside the key-parallel loop: 40 % more
+// tensor-core FLOPs, bought for a bitwise-deterministic dQ (the order of atomic additions varies run to run) and
+// no fp32 dQ scratch buffer. Issue 16 allows atomics only behind an option; none is offered yet.
+// Tiles, loaders and fragment loaders are flash_tc.cuh's (shared with the forward): swizzled 16-bit [rows][P]
+// tiles (P = D padded to 32 / 64 / 128), conflict-free for ldmatrix; rows past S and columns past D are zeros, so
+// they add nothing to the products; P of a query past S is 0 (lse = +inf), P of a key past S is masked. Tiles are
+// loaded with cp.async when the base is 16-byte aligned and every stride a multiple of 8 elements, else element by
+// element, into two stages: the next streamed tile is issued before the current one is computed, so with
+// cp.async its copy overlaps the products.
 // CogVideo: a streamed tile with no visible pair against the block's rows is skipped in both kernels
-// (block_may_see, uniform over the block), and pairs are masked per element.
+// (tiles_interact, uniform over the block), and pairs are masked per element (pair_visible): the functions the
+// SIMT and forward kernels use (dual_channel_visibility.cuh), so all mask and skip the same pairs and tiles.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -37,17 +41,18 @@
 
 #include "cuda_launch.cuh"
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
 
 #include "attention_tc_bwd.h"
-#include "dual_channel_visibility.h"
+#include "attention_tc_fwd.h"
+#include "dual_channel_visibility.cuh"
 #include "dynamic_smem.cuh"
+#include "flash_tc.cuh"
 #include "shared_memory_plan.h"
 #include "tensor_core.cuh"
 
@@ -89,85 +94,39 @@ struct DenseVisibility {
 struct CogVideoPolicy {
   dual_channel::Layout layout;
   const bool* text_pad_mask;  // (B, text_len) contiguous or nullptr
-  int64_t text_len;
+  dual_channel_cuda::AttentionShape shape;
   __device__ __forceinline__ bool tile_may_see(int64_t q_lo, int64_t q_hi, int64_t k_lo, int64_t k_hi) const {
-    return dual_channel::block_may_see(layout, static_cast<int>(q_lo), static_cast<int>(q_hi),
-                                       static_cast<int>(k_lo), static_cast<int>(k_hi));
+    return dual_channel_cuda::tiles_interact(layout, q_lo, static_cast<int>(q_hi - q_lo), k_lo,
+                                             static_cast<int>(k_hi - k_lo), shape.seq_len);
   }
   __device__ __forceinline__ bool visible(int64_t b, int64_t query, int64_t key) const {
-    if (key < text_len && text_pad_mask != nullptr && !text_pad_mask[b * text_len + key]) return false;
-    return dual_channel::key_visible(layout, static_cast<int>(query), static_cast<int>(key));
+    return dual_channel_cuda::pair_visible(layout, text_pad_mask, b, query, key, shape);
   }
 };
 
-template <typename scalar_t>
-struct MmaOf;
-template <>
-struct MmaOf<at::Half> {
-  using Pair = __half2;
-  __device__ __forceinline__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    tc::mma_m16n8k16_f16(d, a, b, d);
-  }
-};
-template <>
-struct MmaOf<at::BFloat16> {
-  using Pair = __nv_bfloat162;
-  __device__ __forceinline__ static void mma(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-    tc::mma_m16n8k16_bf16(d, a, b, d);
-  }
-};
-
-// tile[r][c] (rows of ld halves) = x[row0 + r, c] for r < rows, c < padded; zeros past S and past D. All threads.
-// aligned: D % 8 == 0 and every row start 16-byte aligned, so a row is D / 8 whole cp.async packets.
-__device__ __forceinline__ void load_tile(uint16_t* __restrict__ tile,  // [rows][ld] shared
-                                          int ld, int rows, int padded,
-                                          const uint16_t* __restrict__ base,  // x[b, t, 0, h, :]
-                                          int64_t row_stride, int64_t row0, int64_t S, int D, bool aligned) {
-  const int packets = padded / 8;
-  if (aligned) {
-    for (int e = threadIdx.x; e < rows * packets; e += kThreads) {
-      const int r = e / packets, c = (e - r * packets) * 8;
-      const int64_t s = row0 + r;
-      const bool valid = s < S && c < D;
-      // src_bytes = 0 zero-fills; the address must still be valid, so it points at the row base then.
-      tc::cp_async_16(tile + r * ld + c, valid ? base + s * row_stride + c : base, valid ? 16 : 0);
-    }
-    tc::cp_async_commit();
-    tc::cp_async_wait<0>();
-  } else {
-    for (int e = threadIdx.x; e < rows * padded; e += kThreads) {
-      const int r = e / padded, c = e - r * padded;
-      const int64_t s = row0 + r;
-      tile[r * ld + c] = (s < S && c < D) ? base[s * row_stride + c] : uint16_t(0);
+// Start of the first streamed tile at or after `from` (a multiple of kStream) that may hold a pair visible to the
+// block's own rows [own0, own_end); S when none does. kStreamedAreQueries: the streamed rows are queries (dK/dV
+// kernel) or keys (dQ kernel). Uniform over the block.
+template <int kStream, bool kStreamedAreQueries, typename Policy>
+__device__ __forceinline__ int64_t next_visible_tile(const Policy& policy, int64_t from, int64_t own0,
+                                                     int64_t own_end, int64_t S) {
+  for (int64_t row0 = from; row0 < S; row0 += kStream) {
+    const int64_t row_end = row0 + kStream < S ? row0 + kStream : S;
+    if (kStreamedAreQueries ? policy.tile_may_see(row0, row_end, own0, own_end)
+                            : policy.tile_may_see(own0, own_end, row0, row_end)) {
+      return row0;
     }
   }
+  return S;
 }
 
-// ldmatrix x4 addressing, lane = 8 j + r gives row r of matrix j:
-//   A operand (16 x 16 at (row0, col0) of a row-major tile): matrices (0,0), (8,0), (0,8), (8,8).
-__device__ __forceinline__ void load_a(uint32_t a[4], const uint16_t* tile, int ld, int row0, int col0, int lane) {
-  const int j = lane >> 3, r = lane & 7;
-  tc::ldmatrix<4, false>(a, tile + (row0 + (j & 1) * 8 + r) * ld + col0 + (j >> 1) * 8);
-}
-//   B = tile^T (tile rows are the n index): n-tiles n0 and n0 + 8, k = columns k0 .. k0 + 15.
-//   b[0..1] for n-tile n0, b[2..3] for n0 + 8.
-__device__ __forceinline__ void load_b_transposed_tile(uint32_t b[4], const uint16_t* tile, int ld, int n0, int k0,
-                                                       int lane) {
-  const int j = lane >> 3, r = lane & 7;
-  tc::ldmatrix<4, false>(b, tile + (n0 + (j >> 1) * 8 + r) * ld + k0 + (j & 1) * 8);
-}
-//   B = tile (tile rows are the k index, k0 .. k0 + 15): n-tiles n0 and n0 + 8 (.trans).
-__device__ __forceinline__ void load_b_tile(uint32_t b[4], const uint16_t* tile, int ld, int k0, int n0, int lane) {
-  const int j = lane >> 3, r = lane & 7;
-  tc::ldmatrix<4, true>(b, tile + (k0 + (j & 1) * 8 + r) * ld + n0 + (j >> 1) * 8);
-}
-
-// acc[16 x kCols] (C fragments, kCols / 8 n-tiles) += A[16 x kK] (C-fragment registers of a 16 x kK product,
-// converted to 16-bit A fragments) * tile[k rows 0 .. kK-1][0 .. kCols-1].
+// acc[16 x kCols] (C fragments, kCols / 8 n-tiles) += A[16 x kK] * tile[0 .. kK-1][0 .. kCols-1]. A is held as
+// the C-fragment registers of an earlier 16 x kK product (P^T, dS^T or dS), packed to 16 bits into A fragments
+// (the C layout of two adjacent n-tiles is the A layout of one k-step); `tile` is a swizzled [kK][kCols] tile.
 template <typename scalar_t, int kK, int kCols>
 __device__ __forceinline__ void accumulate_product(float (&acc)[kCols / 8][4], const float (&weights)[kK / 8][4],
-                                                   const uint16_t* tile, int ld, int lane) {
-  using Pair = typename MmaOf<scalar_t>::Pair;
+                                                   const scalar_t* tile) {
+  using Pair = typename flash_tc::MmaType<scalar_t>::Pair;
 #pragma unroll
   for (int kk = 0; kk < kK / 16; ++kk) {
     const uint32_t a[4] = {tc::pack_two<Pair>(weights[2 * kk][0], weights[2 * kk][1]),
@@ -177,40 +136,42 @@ __device__ __forceinline__ void accumulate_product(float (&acc)[kCols / 8][4], c
 #pragma unroll
     for (int nt = 0; nt < kCols / 16; ++nt) {
       uint32_t b[4];
-      load_b_tile(b, tile, ld, kk * 16, nt * 16, lane);
-      MmaOf<scalar_t>::mma(acc[2 * nt], a, b);
-      MmaOf<scalar_t>::mma(acc[2 * nt + 1], a, b + 2);
+      flash_tc::load_b_kn<kCols>(b, tile, kk * 16, nt * 16);
+      flash_tc::mma_accumulate<scalar_t>(acc[2 * nt], a, b);
+      flash_tc::mma_accumulate<scalar_t>(acc[2 * nt + 1], a, b + 2);
     }
   }
 }
 
-// out[16 x kN] = rows row0 .. row0+15 of `rows_tile` times the transpose of `cols_tile` (kN rows), over kPadded.
+// out[16 x kN] = rows row0 .. row0 + 15 of the swizzled [.][kPadded] `rows_tile` times the transpose of the
+// swizzled [kN][kPadded] `cols_tile`, over the kPadded columns.
 template <typename scalar_t, int kPadded, int kN>
-__device__ __forceinline__ void row_products(float (&out)[kN / 8][4], const uint16_t* rows_tile, int row0,
-                                             const uint16_t* cols_tile, int ld, int lane) {
+__device__ __forceinline__ void row_products(float (&out)[kN / 8][4], const scalar_t* rows_tile, int row0,
+                                             const scalar_t* cols_tile) {
 #pragma unroll
   for (int nt = 0; nt < kN / 8; ++nt) out[nt][0] = out[nt][1] = out[nt][2] = out[nt][3] = 0.f;
 #pragma unroll
   for (int kk = 0; kk < kPadded / 16; ++kk) {
     uint32_t a[4];
-    load_a(a, rows_tile, ld, row0, kk * 16, lane);
+    flash_tc::load_a<kPadded>(a, rows_tile, row0, kk * 16);
 #pragma unroll
     for (int nt = 0; nt < kN / 16; ++nt) {
       uint32_t b[4];
-      load_b_transposed_tile(b, cols_tile, ld, nt * 16, kk * 16, lane);
-      MmaOf<scalar_t>::mma(out[2 * nt], a, b);
-      MmaOf<scalar_t>::mma(out[2 * nt + 1], a, b + 2);
+      flash_tc::load_b_nk<kPadded>(b, cols_tile, nt * 16, kk * 16);
+      flash_tc::mma_accumulate<scalar_t>(out[2 * nt], a, b);
+      flash_tc::mma_accumulate<scalar_t>(out[2 * nt + 1], a, b + 2);
     }
   }
 }
 
-// Writes the warp's 16 x kPadded accumulator (times `factor`) to rows row0 + 16 w .. of a contiguous output whose
-// row s of this problem is out_base[s * out_row_stride]; rows >= S and columns >= D are not written.
+// Writes the warp's 16 x kPadded accumulator (times `factor`) to rows warp_row0 .. warp_row0 + 15 of a
+// contiguous output whose row s of this problem is out_base[s * out_row_stride]; rows >= S and columns >= D are
+// not written.
 template <typename scalar_t, int kPadded>
 __device__ __forceinline__ void store_rows(scalar_t* __restrict__ out_base, int64_t out_row_stride,
                                            const float (&acc)[kPadded / 8][4], float factor, int64_t warp_row0,
-                                           int64_t S, int D, int lane) {
-  const int group = lane >> 2, quad = lane & 3;
+                                           int64_t S, int D) {
+  const int lane = threadIdx.x % 32, group = lane >> 2, quad = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < kPadded / 8; ++nt) {
 #pragma unroll
@@ -224,11 +185,12 @@ __device__ __forceinline__ void store_rows(scalar_t* __restrict__ out_base, int6
 
 template <typename scalar_t, int kPadded, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    tc_bwd_dkdv_kernel(const uint16_t* __restrict__ grad_out,  // (B, T, S, H, D), strides do_st
-                       const uint16_t* __restrict__ q,         // (B, T, S, H, D), strides q_st
-                       const uint16_t* __restrict__ k,         // (B, T, S, H, D), strides k_st
-                       const uint16_t* __restrict__ v,         // (B, T, S, H, D), strides v_st
-                       Strides do_st, Strides q_st, Strides k_st, Strides v_st, bool aligned,
+    tc_bwd_dkdv_kernel(const scalar_t* __restrict__ grad_out,  // (B, T, S, H, D), strides do_st
+                       const scalar_t* __restrict__ q,         // (B, T, S, H, D), strides q_st
+                       const scalar_t* __restrict__ k,         // (B, T, S, H, D), strides k_st
+                       const scalar_t* __restrict__ v,         // (B, T, S, H, D), strides v_st
+                       Strides do_st, Strides q_st, Strides k_st, Strides v_st,
+                       bool async,                       // cp.async loads (flash_tc::can_load_async of all four)
                        const float* __restrict__ lse,    // (B, T, S, H) contiguous
                        const float* __restrict__ delta,  // (B, T, S, H) contiguous
                        Policy policy, float scale, int64_t T, int64_t S, int64_t H, int D,
@@ -236,23 +198,42 @@ __global__ void __launch_bounds__(kThreads)
                        scalar_t* __restrict__ dk,    // (B, T, S, H, D) contiguous
                        scalar_t* __restrict__ dv) {  // (B, T, S, H, D) contiguous
   constexpr int kStream = smem_plan::tc_bwd_stream_rows(kPadded);
-  constexpr int ld = smem_plan::tc_bwd_row_halves(kPadded);
+  constexpr int kTile = kStream * kPadded;  // elements of one streamed tile
   extern __shared__ float smem[];
-  uint16_t* k_tile = reinterpret_cast<uint16_t*>(smem);  // [64][ld]
-  uint16_t* v_tile = k_tile + kOwnRows * ld;              // [64][ld]
-  uint16_t* q_tile = v_tile + kOwnRows * ld;              // [kStream][ld]
-  uint16_t* do_tile = q_tile + kStream * ld;              // [kStream][ld]
-  float* lse_tile = reinterpret_cast<float*>(do_tile + kStream * ld);  // [kStream]
-  float* delta_tile = lse_tile + kStream;                              // [kStream]
+  scalar_t* k_tile = reinterpret_cast<scalar_t*>(smem);  // [64][kPadded] swizzled
+  scalar_t* v_tile = k_tile + kOwnRows * kPadded;        // [64][kPadded]
+  scalar_t* q_stages = v_tile + kOwnRows * kPadded;      // [2 stages][kStream][kPadded]
+  scalar_t* do_stages = q_stages + 2 * kTile;            // [2 stages][kStream][kPadded]
+  float* lse_stages = reinterpret_cast<float*>(do_stages + 2 * kTile);  // [2 stages][kStream]
+  float* delta_stages = lse_stages + 2 * kStream;                       // [2 stages][kStream]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane >> 2, quad = lane & 3;
   const Problem p = decode_block(key_blocks, T, H);
   const int64_t key0 = p.block * kOwnRows, key_end = key0 + kOwnRows < S ? key0 + kOwnRows : S;
-  load_tile(k_tile, ld, kOwnRows, kPadded, k + head_offset(k_st, p), k_st.s, key0, S, D, aligned);
-  load_tile(v_tile, ld, kOwnRows, kPadded, v + head_offset(v_st, p), v_st.s, key0, S, D, aligned);
-  const uint16_t* q_base = q + head_offset(q_st, p);
-  const uint16_t* do_base = grad_out + head_offset(do_st, p);
+  const scalar_t* q_base = q + head_offset(q_st, p);
+  const scalar_t* do_base = grad_out + head_offset(do_st, p);
   const int64_t stat0 = ((p.b * T + p.t) * S) * H + p.h;  // lse / delta of token s at stat0 + s * H
+
+  // Query tile `query0` into stage `stage`: Q and dO (cp.async or plain), lse and delta (plain).
+  const auto issue_query_tile = [&](int stage, int64_t query0) {
+    flash_tc::load_tile<kStream, kPadded, kThreads>(async, q_stages + stage * kTile, q_base, q_st.s, query0, S, D);
+    flash_tc::load_tile<kStream, kPadded, kThreads>(async, do_stages + stage * kTile, do_base, do_st.s, query0, S,
+                                                    D);
+    for (int r = threadIdx.x; r < kStream; r += kThreads) {
+      const int64_t s = query0 + r;
+      lse_stages[stage * kStream + r] = s < S ? lse[stat0 + s * H] : kInf;  // a query past S gets P = 0
+      delta_stages[stage * kStream + r] = s < S ? delta[stat0 + s * H] : 0.f;
+    }
+  };
+
+  // Pipeline: group 0 = the own K, V tiles, then one group per query tile, the next one issued before the
+  // current one is computed (two stages), so its copy overlaps the products.
+  flash_tc::load_tile<kOwnRows, kPadded, kThreads>(async, k_tile, k + head_offset(k_st, p), k_st.s, key0, S, D);
+  flash_tc::load_tile<kOwnRows, kPadded, kThreads>(async, v_tile, v + head_offset(v_st, p), v_st.s, key0, S, D);
+  tc::cp_async_commit();
+  int64_t query0 = next_visible_tile<kStream, true>(policy, 0, key0, key_end, S);
+  if (query0 < S) issue_query_tile(0, query0);
+  tc::cp_async_commit();
 
   float dk_acc[kPadded / 8][4], dv_acc[kPadded / 8][4];
 #pragma unroll
@@ -261,23 +242,21 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = 0; e < 4; ++e) dk_acc[nt][e] = dv_acc[nt][e] = 0.f;
   }
 
-  for (int64_t query0 = 0; query0 < S; query0 += kStream) {
-    const int64_t query_end = query0 + kStream < S ? query0 + kStream : S;
-    if (!policy.tile_may_see(query0, query_end, key0, key_end)) continue;
-    __syncthreads();  // the previous query tile is consumed (the first time: nothing pending)
-    load_tile(q_tile, ld, kStream, kPadded, q_base, q_st.s, query0, S, D, aligned);
-    load_tile(do_tile, ld, kStream, kPadded, do_base, do_st.s, query0, S, D, aligned);
-    for (int r = threadIdx.x; r < kStream; r += kThreads) {
-      const int64_t s = query0 + r;
-      lse_tile[r] = s < S ? lse[stat0 + s * H] : kInf;  // a query past S gets P = 0
-      delta_tile[r] = s < S ? delta[stat0 + s * H] : 0.f;
-    }
-    __syncthreads();
+  for (int stage = 0; query0 < S; stage ^= 1) {
+    const int64_t next0 = next_visible_tile<kStream, true>(policy, query0 + kStream, key0, key_end, S);
+    if (next0 < S) issue_query_tile(stage ^ 1, next0);  // stage ^ 1 was released by the barrier ending the last step
+    tc::cp_async_commit();   // possibly empty: one group per step keeps the wait count fixed
+    tc::cp_async_wait<1>();  // all but the newest group landed: the own tiles and this step's query tile
+    __syncthreads();         // ... for every thread's copies and plain stores
+    const scalar_t* q_tile = q_stages + stage * kTile;
+    const scalar_t* do_tile = do_stages + stage * kTile;
+    const float* lse_tile = lse_stages + stage * kStream;
+    const float* delta_tile = delta_stages + stage * kStream;
 
     // S^T and dP^T of the warp's 16 keys against the kStream queries.
     float prob[kStream / 8][4], dscore[kStream / 8][4];
-    row_products<scalar_t, kPadded, kStream>(prob, k_tile, warp * 16, q_tile, ld, lane);
-    row_products<scalar_t, kPadded, kStream>(dscore, v_tile, warp * 16, do_tile, ld, lane);
+    row_products<scalar_t, kPadded, kStream>(prob, k_tile, warp * 16, q_tile);
+    row_products<scalar_t, kPadded, kStream>(dscore, v_tile, warp * 16, do_tile);
 #pragma unroll
     for (int nt = 0; nt < kStream / 8; ++nt) {
 #pragma unroll
@@ -291,44 +270,58 @@ __global__ void __launch_bounds__(kThreads)
         dscore[nt][e] = pr * (dscore[nt][e] - delta_tile[query_local]);
       }
     }
-    accumulate_product<scalar_t, kStream, kPadded>(dv_acc, prob, do_tile, ld, lane);
-    accumulate_product<scalar_t, kStream, kPadded>(dk_acc, dscore, q_tile, ld, lane);
+    accumulate_product<scalar_t, kStream, kPadded>(dv_acc, prob, do_tile);
+    accumulate_product<scalar_t, kStream, kPadded>(dk_acc, dscore, q_tile);
+    __syncthreads();  // this stage is consumed: the next step may refill it
+    query0 = next0;
   }
+  tc::cp_async_wait<0>();  // no copy outlives the block (the own tiles, when no query tile was visible)
 
-  const int64_t out_row_stride = H * D;
   const int64_t out0 = ((p.b * T + p.t) * S * H + p.h) * D;  // dk[b, t, 0, h, 0]
-  store_rows<scalar_t, kPadded>(dk + out0, out_row_stride, dk_acc, scale, key0 + warp * 16, S, D, lane);
-  store_rows<scalar_t, kPadded>(dv + out0, out_row_stride, dv_acc, 1.f, key0 + warp * 16, S, D, lane);
+  store_rows<scalar_t, kPadded>(dk + out0, H * D, dk_acc, scale, key0 + warp * 16, S, D);
+  store_rows<scalar_t, kPadded>(dv + out0, H * D, dv_acc, 1.f, key0 + warp * 16, S, D);
 }
 
 template <typename scalar_t, int kPadded, typename Policy>
 __global__ void __launch_bounds__(kThreads)
-    tc_bwd_dq_kernel(const uint16_t* __restrict__ grad_out,  // (B, T, S, H, D), strides do_st
-                     const uint16_t* __restrict__ q,         // (B, T, S, H, D), strides q_st
-                     const uint16_t* __restrict__ k,         // (B, T, S, H, D), strides k_st
-                     const uint16_t* __restrict__ v,         // (B, T, S, H, D), strides v_st
-                     Strides do_st, Strides q_st, Strides k_st, Strides v_st, bool aligned,
+    tc_bwd_dq_kernel(const scalar_t* __restrict__ grad_out,  // (B, T, S, H, D), strides do_st
+                     const scalar_t* __restrict__ q,         // (B, T, S, H, D), strides q_st
+                     const scalar_t* __restrict__ k,         // (B, T, S, H, D), strides k_st
+                     const scalar_t* __restrict__ v,         // (B, T, S, H, D), strides v_st
+                     Strides do_st, Strides q_st, Strides k_st, Strides v_st,
+                     bool async,                       // cp.async loads (flash_tc::can_load_async of all four)
                      const float* __restrict__ lse,    // (B, T, S, H) contiguous
                      const float* __restrict__ delta,  // (B, T, S, H) contiguous
                      Policy policy, float scale, int64_t T, int64_t S, int64_t H, int D,
                      int64_t query_blocks,         // ceil(S / 64)
                      scalar_t* __restrict__ dq) {  // (B, T, S, H, D) contiguous
   constexpr int kStream = smem_plan::tc_bwd_stream_rows(kPadded);
-  constexpr int ld = smem_plan::tc_bwd_row_halves(kPadded);
+  constexpr int kTile = kStream * kPadded;
   extern __shared__ float smem[];
-  uint16_t* q_tile = reinterpret_cast<uint16_t*>(smem);  // [64][ld]
-  uint16_t* do_tile = q_tile + kOwnRows * ld;             // [64][ld]
-  uint16_t* k_tile = do_tile + kOwnRows * ld;             // [kStream][ld]
-  uint16_t* v_tile = k_tile + kStream * ld;               // [kStream][ld]
+  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem);  // [64][kPadded] swizzled
+  scalar_t* do_tile = q_tile + kOwnRows * kPadded;       // [64][kPadded]
+  scalar_t* k_stages = do_tile + kOwnRows * kPadded;     // [2 stages][kStream][kPadded]
+  scalar_t* v_stages = k_stages + 2 * kTile;             // [2 stages][kStream][kPadded]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, group = lane >> 2, quad = lane & 3;
   const Problem p = decode_block(query_blocks, T, H);
   const int64_t query0 = p.block * kOwnRows, query_end = query0 + kOwnRows < S ? query0 + kOwnRows : S;
-  load_tile(q_tile, ld, kOwnRows, kPadded, q + head_offset(q_st, p), q_st.s, query0, S, D, aligned);
-  load_tile(do_tile, ld, kOwnRows, kPadded, grad_out + head_offset(do_st, p), do_st.s, query0, S, D, aligned);
-  const uint16_t* k_base = k + head_offset(k_st, p);
-  const uint16_t* v_base = v + head_offset(v_st, p);
+  const scalar_t* k_base = k + head_offset(k_st, p);
+  const scalar_t* v_base = v + head_offset(v_st, p);
   const int64_t stat0 = ((p.b * T + p.t) * S) * H + p.h;
+
+  const auto issue_key_tile = [&](int stage, int64_t key0) {
+    flash_tc::load_tile<kStream, kPadded, kThreads>(async, k_stages + stage * kTile, k_base, k_st.s, key0, S, D);
+    flash_tc::load_tile<kStream, kPadded, kThreads>(async, v_stages + stage * kTile, v_base, v_st.s, key0, S, D);
+  };
+  // Pipeline as in the dK/dV kernel: group 0 = the own Q, dO tiles, then one group per key tile.
+  flash_tc::load_tile<kOwnRows, kPadded, kThreads>(async, q_tile, q + head_offset(q_st, p), q_st.s, query0, S, D);
+  flash_tc::load_tile<kOwnRows, kPadded, kThreads>(async, do_tile, grad_out + head_offset(do_st, p), do_st.s,
+                                                   query0, S, D);
+  tc::cp_async_commit();
+  int64_t key0 = next_visible_tile<kStream, false>(policy, 0, query0, query_end, S);
+  if (key0 < S) issue_key_tile(0, key0);
+  tc::cp_async_commit();
 
   // This lane's two query rows (group, group + 8 of the warp's 16): lse (+inf past S: P = 0) and delta.
   float row_lse[2], row_delta[2];
@@ -342,17 +335,18 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int nt = 0; nt < kPadded / 8; ++nt) dq_acc[nt][0] = dq_acc[nt][1] = dq_acc[nt][2] = dq_acc[nt][3] = 0.f;
 
-  for (int64_t key0 = 0; key0 < S; key0 += kStream) {
-    const int64_t key_end = key0 + kStream < S ? key0 + kStream : S;
-    if (!policy.tile_may_see(query0, query_end, key0, key_end)) continue;
-    __syncthreads();  // the previous key tile is consumed; the first time, orders the q / dO loads
-    load_tile(k_tile, ld, kStream, kPadded, k_base, k_st.s, key0, S, D, aligned);
-    load_tile(v_tile, ld, kStream, kPadded, v_base, v_st.s, key0, S, D, aligned);
+  for (int stage = 0; key0 < S; stage ^= 1) {
+    const int64_t next0 = next_visible_tile<kStream, false>(policy, key0 + kStream, query0, query_end, S);
+    if (next0 < S) issue_key_tile(stage ^ 1, next0);  // stage ^ 1 was released by the barrier ending the last step
+    tc::cp_async_commit();
+    tc::cp_async_wait<1>();
     __syncthreads();
+    const scalar_t* k_tile = k_stages + stage * kTile;
+    const scalar_t* v_tile = v_stages + stage * kTile;
 
     float dscore[kStream / 8][4], dprob[kStream / 8][4];
-    row_products<scalar_t, kPadded, kStream>(dscore, q_tile, warp * 16, k_tile, ld, lane);
-    row_products<scalar_t, kPadded, kStream>(dprob, do_tile, warp * 16, v_tile, ld, lane);
+    row_products<scalar_t, kPadded, kStream>(dscore, q_tile, warp * 16, k_tile);
+    row_products<scalar_t, kPadded, kStream>(dprob, do_tile, warp * 16, v_tile);
 #pragma unroll
     for (int nt = 0; nt < kStream / 8; ++nt) {
 #pragma unroll
@@ -365,25 +359,19 @@ __global__ void __launch_bounds__(kThreads)
         dscore[nt][e] = pr * (dprob[nt][e] - row_delta[half]);
       }
     }
-    accumulate_product<scalar_t, kStream, kPadded>(dq_acc, dscore, k_tile, ld, lane);
+    accumulate_product<scalar_t, kStream, kPadded>(dq_acc, dscore, k_tile);
+    __syncthreads();  // this stage is consumed: the next step may refill it
+    key0 = next0;
   }
+  tc::cp_async_wait<0>();
 
   const int64_t out0 = ((p.b * T + p.t) * S * H + p.h) * D;
-  store_rows<scalar_t, kPadded>(dq + out0, H * D, dq_acc, scale, query0 + warp * 16, S, D, lane);
+  store_rows<scalar_t, kPadded>(dq + out0, H * D, dq_acc, scale, query0 + warp * 16, S, D);
 }
+
+std::atomic<int64_t> g_backward_launches{0};
 
 Strides strides_of(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2), x.stride(3)}; }
-
-// Every row of every tensor starts on a 16-byte boundary and D is whole 16-byte packets (cp.async path).
-bool rows_aligned(std::initializer_list<const at::Tensor*> tensors) {
-  for (const at::Tensor* x : tensors) {
-    if (x->size(4) % 8 != 0 || reinterpret_cast<uintptr_t>(x->const_data_ptr()) % 16 != 0) return false;
-    for (int dim = 0; dim < 4; ++dim) {
-      if (x->size(dim) > 1 && x->stride(dim) % 8 != 0) return false;
-    }
-  }
-  return true;
-}
 
 template <typename Fn>
 void dispatch_padded(int D, Fn&& fn) {
@@ -395,6 +383,9 @@ void dispatch_padded(int D, Fn&& fn) {
     fn(std::integral_constant<int, 128>{});
   }
 }
+static_assert(smem_plan::tc_bwd_padded_dim(32) == 32 && smem_plan::tc_bwd_padded_dim(33) == 64 &&
+                  smem_plan::tc_bwd_padded_dim(65) == 128,
+              "dispatch_padded and shared_memory_plan.h must agree on the padded widths");
 
 template <typename scalar_t, typename Policy>
 void launch_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -406,12 +397,9 @@ void launch_backward(const char* op, const at::Tensor& grad_out, const at::Tenso
   const int64_t blocks = B * T * H * row_blocks;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks,
               " thread blocks exceed the grid.x limit of 2^31 - 1; split the batch");
-  const bool aligned = rows_aligned({&grad_out, &q, &k, &v});
+  const bool async = flash_tc::can_load_async(grad_out) && flash_tc::can_load_async(q) &&
+                     flash_tc::can_load_async(k) && flash_tc::can_load_async(v);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto* go_p = reinterpret_cast<const uint16_t*>(grad_out.const_data_ptr());
-  const auto* q_p = reinterpret_cast<const uint16_t*>(q.const_data_ptr());
-  const auto* k_p = reinterpret_cast<const uint16_t*>(k.const_data_ptr());
-  const auto* v_p = reinterpret_cast<const uint16_t*>(v.const_data_ptr());
   dispatch_padded(D, [&](auto padded) {
     constexpr int kPadded = decltype(padded)::value;
     constexpr int64_t kDkDvBytes = smem_plan::tc_bwd_dkdv_bytes_of_padded(kPadded);
@@ -419,17 +407,20 @@ void launch_backward(const char* op, const at::Tensor& grad_out, const at::Tenso
     auto dkdv_kernel = tc_bwd_dkdv_kernel<scalar_t, kPadded, Policy>;
     cuda_smem::prepare_launch(op, dkdv_kernel, kDkDvBytes, kDkDvBytes, "the tensor-core dk/dv kernel");
     TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kThreads, kDkDvBytes, stream, dkdv_kernel)(
-        go_p, q_p, k_p, v_p, strides_of(grad_out), strides_of(q), strides_of(k), strides_of(v), aligned,
+        grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+        v.const_data_ptr<scalar_t>(), strides_of(grad_out), strides_of(q), strides_of(k), strides_of(v), async,
         lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), policy, static_cast<float>(scale), T, S, H, D,
         row_blocks, dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     auto dq_kernel = tc_bwd_dq_kernel<scalar_t, kPadded, Policy>;
     cuda_smem::prepare_launch(op, dq_kernel, kDqBytes, kDqBytes, "the tensor-core dq kernel");
     TORCHNOVA_LAUNCH_KERNEL(static_cast<unsigned>(blocks), kThreads, kDqBytes, stream, dq_kernel)(
-        go_p, q_p, k_p, v_p, strides_of(grad_out), strides_of(q), strides_of(k), strides_of(v), aligned,
+        grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+        v.const_data_ptr<scalar_t>(), strides_of(grad_out), strides_of(q), strides_of(k), strides_of(v), async,
         lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), policy, static_cast<float>(scale), T, S, H, D,
         row_blocks, dq.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    g_backward_launches.fetch_add(1, std::memory_order_relaxed);
   });
 }
 
@@ -437,31 +428,31 @@ void launch_backward(const char* op, const at::Tensor& grad_out, const at::Tenso
 
 namespace attention_tc {
 
-bool tensor_core_backward_supports(const at::Tensor& q, const char** why_not) {
-  const char* reason = nullptr;
-  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) {
-    reason = "the tensor-core backward takes float16 or bfloat16 inputs";
-  } else if (q.size(-1) > kMaxHeadDim) {
-    reason = "the tensor-core backward takes head dims up to 128";
-  } else if (at::cuda::getCurrentDeviceProperties()->major < 8) {
-    reason = "tensor-core mma.sync needs compute capability 8.0 or newer";
-  }
-  if (why_not != nullptr) *why_not = reason;
-  return reason == nullptr;
-}
-
 bool use_tensor_core_backward(const char* op, const at::Tensor& q) {
-  const char* env = std::getenv("TORCHNOVA_CUDA_ATTENTION_KERNEL");
-  const std::string choice = env == nullptr ? "auto" : env;
-  TORCH_CHECK_VALUE(choice == "auto" || choice == "tensor_core" || choice == "simt" || choice.empty(), op,
-                    ": TORCHNOVA_CUDA_ATTENTION_KERNEL must be auto, tensor_core or simt, got \"", choice, "\"");
-  if (choice == "simt") return false;
-  const char* why_not = nullptr;
-  const bool supported = tensor_core_backward_supports(q, &why_not);
-  TORCH_CHECK_VALUE(supported || choice != "tensor_core", op,
-                    ": TORCHNOVA_CUDA_ATTENTION_KERNEL=tensor_core, but ", why_not, " (got ", q.scalar_type(),
-                    ", head dim ", q.size(-1), "); unset it or set auto to fall back to the SIMT kernels");
-  return supported;
+  const KernelChoice choice = kernel_choice_from_env();
+  if (choice == KernelChoice::kSimt) return false;
+  // Why q cannot take the tensor-core kernels; empty when it can.
+  std::string why;
+  const auto dtype = q.scalar_type();
+  const int64_t head_dim = q.size(-1);
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) {
+    why = std::string("dtype is ") + c10::toString(dtype) +
+          " (the tensor-core backward takes float16 or bfloat16; float32 runs on the SIMT kernels)";
+  } else if (head_dim > smem_plan::kTcBwdMaxHeadDim) {
+    why = "head dim D = " + std::to_string(head_dim) + " exceeds " + std::to_string(smem_plan::kTcBwdMaxHeadDim);
+  } else if (props->major < 8) {
+    why = "compute capability " + std::to_string(props->major) + "." + std::to_string(props->minor) +
+          " is below 8.0 (mma.sync m16n8k16, ldmatrix and cp.async need sm_80)";
+  } else if (smem_plan::tc_bwd_max_bytes(static_cast<int>(head_dim)) >
+             static_cast<int64_t>(props->sharedMemPerBlockOptin)) {
+    why = "it needs " + std::to_string(smem_plan::tc_bwd_max_bytes(static_cast<int>(head_dim))) +
+          " bytes of shared memory per block, the device allows " + std::to_string(props->sharedMemPerBlockOptin);
+  }
+  TORCH_CHECK_VALUE(why.empty() || choice != KernelChoice::kTensorCore, op,
+                    ": TORCHNOVA_CUDA_ATTENTION_KERNEL=tensor_core, but the tensor-core backward cannot run this "
+                    "call: ", why);
+  return why.empty();
 }
 
 void attention_bwd(const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
@@ -476,18 +467,20 @@ void attention_bwd(const char* op, const at::Tensor& grad_out, const at::Tensor&
     if (cogvideo == nullptr) {
       launch_backward<scalar_t>(op, grad_out, q, k, v, lse, delta, scale, DenseVisibility{}, dq, dk, dv);
     } else {
-      const CogVideoPolicy policy{cogvideo->layout, cogvideo->text_pad_mask, cogvideo->text_len};
+      const CogVideoPolicy policy{cogvideo->layout, cogvideo->text_pad_mask, cogvideo->shape};
       launch_backward<scalar_t>(op, grad_out, q, k, v, lse, delta, scale, policy, dq, dk, dv);
     }
   };
   if (q.scalar_type() == at::kHalf) {
-    run(at::Half{});
+    run(c10::Half{});
   } else {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16, op, ": internal error: tensor-core backward for ",
                 q.scalar_type());
-    run(at::BFloat16{});
+    run(c10::BFloat16{});
   }
 }
+
+int64_t backward_launches() { return g_backward_launches.load(std::memory_order_relaxed); }
 
 }  // namespace attention_tc
 }  // namespace torchnova

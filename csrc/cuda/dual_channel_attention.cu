@@ -737,7 +737,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (tensor_cores) {
         // (B, L, H, D) as (B, 1, L, H, D): the spatial addressing with one frame.
-        const attention_tc::CogVideoVisibility visibility{args.layout, pad, args.shape.text_len};
+        const attention_tc::CogVideoVisibility visibility{args.layout, pad, args.shape};
         at::Tensor dq5 = dq.unsqueeze(1), dk5 = dk.unsqueeze(1), dv5 = dv.unsqueeze(1);
         attention_tc::attention_bwd(op, go.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                                     lse_c.unsqueeze(1), delta.unsqueeze(1), args.shape.scale, &visibility, dq5, dk5,

@@ -14,8 +14,8 @@
 //   spatial_dq     4 * (2 * BQ + 2 * 32) * (D | 1),   BQ = 4 warps * (8 rows for D <= 128, else 4)
 //   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
-//   tc_bwd_dkdv    2 * (2 * 64 + 2 * R) * (P + 8) + 4 * 2 * R    (tensor-core backward, attention_tc_bwd.cu; D <= 128)
-//   tc_bwd_dq      2 * (2 * 64 + 2 * R) * (P + 8)                 P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
+//   tc_bwd_dkdv    2 * (2 * 64 + 4 * R) * P + 4 * 4 * R   (tensor-core backward, attention_tc_bwd.cu; D <= 128)
+//   tc_bwd_dq      2 * (2 * 64 + 4 * R) * P               P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
 //   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
 //                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
@@ -85,24 +85,27 @@ constexpr int64_t dual_bwd_bytes_of_bucket(int bucket) {
   return kFloatBytes * (4 * dual_tile_floats(bucket) + dual_score_floats(bucket) + 2 * dual_block(bucket));
 }
 
-// ----- Tensor-core backward (attention_tc_bwd.cu), spatial and CogVideo alike: 16-bit tiles of (P + 8) halves per
-// row (P = D padded to 32 / 64 / 128; the 16 extra bytes shift successive rows by 4 banks, so the 8 row addresses
-// of an ldmatrix hit 8 distinct 16-byte bank groups). A block owns 64 rows (4 warps x 16) of two tensors and
-// streams R rows of two others (R = 64, or 32 for P = 128 to bound the registers); the dK/dV kernel also keeps
-// lse and delta of the R streamed queries.
+// ----- Tensor-core backward (attention_tc_bwd.cu), spatial and CogVideo alike: swizzled 16-bit tiles of P columns
+// (flash_tc.cuh; P = D padded to 32 / 64 / 128). A block owns 64 rows (4 warps x 16) of two tensors and streams
+// R rows of two others through two stages (R = 64, or 32 for P = 128 to bound the registers); the dK/dV kernel
+// also keeps lse and delta of the streamed queries (two stages).
 constexpr int kTcBwdMaxHeadDim = 128;
 constexpr int kTcBwdOwnRows = 64;
-constexpr int kTcHalfBytes = 2;
+constexpr int kTcBwdElementBytes = 2;
 constexpr int tc_bwd_padded_dim(int D) { return D <= 32 ? 32 : (D <= 64 ? 64 : 128); }
 constexpr int tc_bwd_stream_rows(int padded) { return padded <= 64 ? 64 : 32; }
-constexpr int tc_bwd_row_halves(int padded) { return padded + 8; }
 constexpr int64_t tc_bwd_tiles_bytes(int padded) {
-  return int64_t(kTcHalfBytes) * (2 * kTcBwdOwnRows + 2 * tc_bwd_stream_rows(padded)) * tc_bwd_row_halves(padded);
+  const int rows = 2 * kTcBwdOwnRows + 2 * 2 * tc_bwd_stream_rows(padded);  // 2 own tensors, 2 streamed x 2 stages
+  return int64_t(kTcBwdElementBytes) * rows * padded;
 }
 constexpr int64_t tc_bwd_dkdv_bytes_of_padded(int padded) {
-  return tc_bwd_tiles_bytes(padded) + kFloatBytes * 2 * tc_bwd_stream_rows(padded);
+  return tc_bwd_tiles_bytes(padded) + kFloatBytes * 2 * 2 * tc_bwd_stream_rows(padded);
 }
 constexpr int64_t tc_bwd_dq_bytes_of_padded(int padded) { return tc_bwd_tiles_bytes(padded); }
+constexpr int64_t tc_bwd_max_bytes(int D) {  // the larger of the two kernels' launches
+  return tc_bwd_dkdv_bytes_of_padded(tc_bwd_padded_dim(D));
+}
+
 // ----- Tensor-core attention forward (attention_tc_fwd.cu), float16 / bfloat16 only: a [64][P] Q tile and two
 // stages of [64][P] K and V tiles, 16-bit elements, P = the padded head dim 64 or 128.
 constexpr int kTcFwdWarps = 4;
