@@ -193,10 +193,17 @@ def test_reruns_are_bit_identical(monkeypatch):
 def test_race_check_schedules_agree(monkeypatch):
     """A shared-memory race (a word written by one thread and read by another with no barrier between, e.g. a
     stage refilled while another warp still reads it) would make the result depend on the order the emulated
-    threads run in: thread 0 first, or last."""
+    threads run in: thread 0 first, or last. S = 200 streams 4 tiles through the 2 stages (each refilled), D = 20
+    takes the plain loads (stored at once; cp.async copies land only at the wait in the emulation) and
+    D = 64 the cp.async path."""
     monkeypatch.setenv(ENV, "tensor_core")
-    for a, b in zip(_spatial_grads(torch.float16), _spatial_grads(torch.float16, schedule="reverse")):
-        assert torch.equal(a, b)
+    for D in (20, 64):
+        tensors = _qkv((1, 1, 200, 1, D), torch.float16)
+        upstream = torch.randn(1, 1, 200, 1, D, dtype=torch.float64)
+        forward, reverse = (_grads(torchnova.spatial_attention, tensors, upstream, {"schedule": schedule})
+                            for schedule in ("forward", "reverse"))  # fmt: skip
+        for a, b in zip(forward, reverse):
+            assert torch.equal(a, b), f"D={D}: the schedules disagree"
     tensors, _ = _cogvideo_inputs(1, 1, 32, 4, 5, (4, 4), torch.bfloat16)
     options = dict(text_len=4, frames=5, grid=(4, 4), channel="plus", attention="window", window=2, shifted=True)
     upstream = torch.randn(tensors[0].shape, dtype=torch.float64)
