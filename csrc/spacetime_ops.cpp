@@ -29,8 +29,9 @@
 // rotated before the scores, x' = cos[t] o x + sin[t] o rotate_half(x) on the first rot_dim head dims, with
 // rotary_cos, rotary_sin (T, rot_dim) acc contiguous (rot_dim even, <= D) and pairs (2i, 2i+1) when
 // rotary_interleaved (rotary-embedding-torch), else (i, i + rot_dim/2) (GPT-NeoX / HF). The backwards return
-// the gradients of the unrotated q, k (no gradient for the tables). CPU kernels only (csrc/cpu/
-// spacetime_temporal_cpu.cpp) and Triton (*_triton, from Python); the CUDA kernels do not implement them yet.
+// the gradients of the unrotated q, k (no gradient for the tables). CPU kernels (csrc/cpu/
+// spacetime_temporal_cpu.cpp), CUDA kernels (csrc/cuda/spacetime_temporal.cu: the unpacked ops; the packed ones
+// run them on views, below) and Triton (*_triton, from Python).
 // temporal_attention_rotary_fwd -> out, lse;            temporal_attention_rotary_bwd -> dq, dk, dv, dbias
 // temporal_attention_rotary_qkvpacked_fwd -> out, lse;  temporal_attention_rotary_qkvpacked_bwd -> dqkv, dbias
 //
@@ -88,6 +89,9 @@ constexpr char kTemporalBwd[] = "torchnova::temporal_attention_bwd";
 constexpr char kSpatialFwd[] = "torchnova::spatial_attention_fwd";
 constexpr char kSpatialBwd[] = "torchnova::spatial_attention_bwd";
 using Packed = torchnova::spacetime::PackedViaUnpacked<kTemporalFwd, kTemporalBwd, kSpatialFwd, kSpatialBwd>;
+constexpr char kRotaryFwd[] = "torchnova::temporal_attention_rotary_fwd";
+constexpr char kRotaryBwd[] = "torchnova::temporal_attention_rotary_bwd";
+using RotaryPacked = torchnova::spacetime::RotaryPackedViaUnpacked<kRotaryFwd, kRotaryBwd>;
 
 }  // namespace
 
@@ -98,4 +102,6 @@ TORCH_LIBRARY_IMPL(torchnova, CompositeExplicitAutograd, m) {
   m.impl("temporal_attention_qkvpacked_bwd", &Packed::temporal_bwd);
   m.impl("spatial_attention_qkvpacked_fwd", &Packed::spatial_fwd);
   m.impl("spatial_attention_qkvpacked_bwd", &Packed::spatial_bwd);
+  m.impl("temporal_attention_rotary_qkvpacked_fwd", &RotaryPacked::fwd);
+  m.impl("temporal_attention_rotary_qkvpacked_bwd", &RotaryPacked::bwd);
 }

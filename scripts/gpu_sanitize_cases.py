@@ -54,6 +54,31 @@ def case_temporal_qkvpacked():
     _backward(torchnova.temporal_attention_qkvpacked(qkv, backend=BACKEND), qkv)
 
 
+def _rotary_tables(T, rot_dim):
+    angles = torch.randn(T, rot_dim, device=DEVICE)
+    return angles.cos(), angles.sin()
+
+
+def case_temporal_rotary_interleaved():
+    import torchnova
+
+    q, k, v = (_leaf(2, 13, 3, 2, 40) for _ in range(3))  # rot_dim 34: a rotated chunk with a ragged tail
+    bias = torch.randn(2, 13, 13, device=DEVICE, requires_grad=True)
+    segment_ids = torch.tensor([[0] * 6 + [1] * 7, [0] * 13], device=DEVICE)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segment_ids, causal=True,
+                                       rotary=_rotary_tables(13, 34), rotary_interleaved=True, backend=BACKEND)
+    _backward(out, q, k, v, bias)
+
+
+def case_temporal_rotary_half_qkvpacked():
+    import torchnova
+
+    qkv = _leaf(1, 7, 5, 3, 2, 37, dtype="bfloat16")  # half-split rot_dim 34: 17 pairs, two chunks, odd D
+    out = torchnova.temporal_attention_qkvpacked(qkv, rotary=_rotary_tables(7, 34), rotary_interleaved=False,
+                                                 backend=BACKEND)
+    _backward(out, qkv)
+
+
 def case_spatial():
     import torchnova
 
@@ -114,6 +139,14 @@ def case_mesa_kl_strided_long_rows():
 CASES = {
     "temporal_bias": (case_temporal_bias, "temporal_fwd_kernel, temporal_bwd_kernel, temporal_dbias_reduce_kernel"),
     "temporal_qkvpacked": (case_temporal_qkvpacked, "temporal_fwd_kernel, temporal_bwd_kernel (bf16, packed)"),
+    "temporal_rotary_interleaved": (
+        case_temporal_rotary_interleaved,
+        "temporal_fwd_kernel, temporal_bwd_kernel (rotary instances, interleaved), temporal_dbias_reduce_kernel",
+    ),
+    "temporal_rotary_half_qkvpacked": (
+        case_temporal_rotary_half_qkvpacked,
+        "temporal_fwd_kernel, temporal_bwd_kernel (rotary instances, half-split, bf16, packed)",
+    ),
     "spatial": (case_spatial, "spatial_fwd_kernel, spatial_delta_kernel, spatial_dkdv_kernel, spatial_dq_kernel"),
     "spatial_d256": (case_spatial_d256, "spatial_* kernels, head-dim bucket 256, fp32"),
     "cogvideo_plus_window": (

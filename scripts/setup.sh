@@ -24,11 +24,14 @@ PY="$VENV/bin/python"
 
 # Pinned: what CI and the benchmarks were run with. scikit-learn only for the examples' offline datasets;
 # codecarbon is the optional torchnova[carbon] (grid intensity by country / cloud region; it pulls no torch);
-# hypothesis for the property-based tests (tests/test_properties_*.py).
+# hypothesis for the property-based tests (tests/test_properties_*.py). cuobjdump and nvdisasm (binaries only, about
+# 6 MB; the CUDA toolkit here ships neither) for scripts/cuda_build_report.py: -res-usage of the built .so and the
+# HMMA check in -sass; 13.2.51 reads nvcc 13.0's sm_80/sm_90/sm_120 cubins.
 "$PY" -m pip install -q --disable-pip-version-check \
   "torch==${TORCH_VERSION}" "numpy==2.4.6" "pytest==9.2.0" "ninja==1.13.2" "pybind11==3.1.0" \
   "setuptools==84.2.1" "wheel==0.48.0" "tqdm==4.70.1" "hypothesis==6.170.15" "matplotlib==3.11.2" \
-  "scikit-learn==1.9.1" "codecarbon==3.3.2" 2>&1 | grep -v "^WARNING: Location" || true
+  "scikit-learn==1.9.1" "codecarbon==3.3.2" "nvidia-cuda-cuobjdump==13.2.51" "nvidia-cuda-nvdisasm==13.2.51" \
+  2>&1 | grep -v "^WARNING: Location" || true
 "$PY" -c "import torch" # fail here, clearly, if the install did not work
 # torchnova.integrations' libraries (diffusers; timm for the MESA parity test), so CI runs those tests. Pure Python;
 # torch is pinned on the same line so pip never swaps it. timm needs torchvision, whose build must match torch: 0.29.1

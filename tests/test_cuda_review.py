@@ -134,6 +134,28 @@ def test_temporal_large_smem_gpus_train_every_supported_t(gpu, simulated_gpu):
 
 
 @needs_cpp
+@pytest.mark.parametrize("gpu", list(GPUS))
+def test_temporal_rotary_needs_no_more_shared_memory(gpu, simulated_gpu, monkeypatch):
+    """Rotary q, k are rotated in registers as their tiles load: the cuda verdict is the plain one at every T; an
+    extension built without the rotary CUDA kernels says so."""
+    from torchnova.spacetime import ops
+
+    simulated_gpu(gpu)
+    monkeypatch.setattr(ops, "HAS_CUDA_ROTARY", True)
+    for T in [1, 64, 97, 98, 128]:
+        cos = torch.ones(T, 32)
+        for requires_grad in (False, True):
+            q = cuda_like((2, T, 3, 2, 64), requires_grad=requires_grad)
+            rotary = _backend.reasons("temporal_attention", "cuda", q=q, k=q, v=q, rotary_cos=cos, rotary_sin=cos)
+            assert rotary == _temporal_reasons(T, requires_grad), (gpu, T, rotary)
+    monkeypatch.setattr(ops, "HAS_CUDA_ROTARY", False)
+    q = cuda_like((2, 8, 3, 2, 64))
+    why = _backend.reasons("temporal_attention", "cuda", q=q, k=q, v=q, rotary_cos=torch.ones(8, 32),
+                           rotary_sin=torch.ones(8, 32))  # fmt: skip
+    assert any("built without the rotary ops" in w for w in why), why
+
+
+@needs_cpp
 def test_bias_requiring_grad_counts_as_backward(simulated_gpu):
     simulated_gpu("sm_120")
     q = cuda_like((1, 110, 1, 1, 32))

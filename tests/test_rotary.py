@@ -1,8 +1,11 @@
 """Rotary position embedding in the temporal ops (``rotary=(cos, sin)``, ``rotary_interleaved``): every backend
 against the float64 reference (forward, dq/dk/dv or dqkv, dbias) over both pair layouts, partial rot_dim, odd T
-and D, strided and packed inputs, bias/segments/causal; the reference against rotary-embedding-torch's own
-rotation; gradcheck (cpp, float64); opcheck of the four rotary ops; the backend reasons and bad input."""
+and D, strided and packed inputs, bias/segments/causal; the CUDA kernels (run on the CPU by the emulation layer)
+at their edge cases (T 1/17/97, rotated chunks with ragged tails, fp16/bf16 odd D) and bit-identical reruns; the
+reference against rotary-embedding-torch's own rotation; gradcheck (cpp, float64); opcheck of the four rotary
+ops; the backend reasons and bad input."""
 
+import inspect
 import itertools
 import math
 
@@ -10,7 +13,7 @@ import pytest
 import torch
 
 import torchnova
-from torchnova import _backend
+from torchnova import _backend, _ext, testing
 from torchnova.spacetime import triton_kernels
 from torchnova.spacetime.reference import apply_rotary_ref, temporal_attention_ref
 from utils import assert_close, backend_device_params, segments_for, skip_unless_runs, upstream
@@ -71,6 +74,11 @@ def test_rotary_matches_reference(backend, device, shape, interleaved, use_bias,
         or not ((packed and interleaved) or use_bias == use_segments == causal)
     ):
         pytest.skip("the Triton interpreter is slow: one odd shape in fp32, every option on one layout")
+    if backend == "cuda" and device == "cpu" and (
+        shape not in (SHAPES[0], SHAPES[1]) or not ((packed == interleaved) or use_bias == use_segments == causal)
+    ):
+        pytest.skip("the CUDA emulation is slow: two odd shapes, every option on the packed/interleaved pairs "
+                    "(test_rotary_cuda_kernels covers the kernels' edge cases)")
     if backend == "reference" and (use_bias or use_segments or causal or packed):
         pytest.skip("the reference against itself: one option set is enough")
     monkeypatch.setattr(triton_kernels, "BLOCK_P", 4)
@@ -189,6 +197,23 @@ def test_opcheck_rotary_triton_ops():
     _opcheck_rotary("_triton", qkv, torch.randn(2, 4, 4, device=device), segments, cos, sin)
 
 
+def test_opcheck_rotary_cuda_ops():
+    """The CUDA kernels' rotary ops: on a GPU the real ones, here the emulated ones (same schemas) on CPU tensors."""
+    if torch.cuda.is_available():
+        device, suffix, context = "cuda", "", torch.enable_grad()
+        if not _ext.HAS_CUDA_KERNELS:
+            pytest.skip("built without CUDA kernels")
+    elif _ext.HAS_CUDA_EMULATION:
+        device, suffix, context = "cpu", "_cuda_emu", testing.cuda_emulation()
+    else:
+        pytest.skip(f"no GPU and the CUDA emulation layer is not built: {_ext.CUDA_EMULATION_IMPORT_ERROR}")
+    with context:
+        qkv = torch.randn(2, 4, 3, 3, 2, 8, device=device)
+        segments = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]], device=device)
+        cos, sin = tables(4, 6, torch.float32, device)
+        _opcheck_rotary(suffix, qkv, torch.randn(2, 4, 4, device=device), segments, cos, sin)
+
+
 def test_tables_that_require_grad_go_to_the_reference():
     """The kernels give the tables no gradient: a learned table (requires_grad) is a reason for every kernel
     backend, so auto picks the reference, which differentiates it; a forced kernel backend raises."""
@@ -208,11 +233,203 @@ def test_tables_that_require_grad_go_to_the_reference():
         torchnova.temporal_attention_qkvpacked(qkv, rotary=rotary, backend="cpp")
 
 
-def test_cuda_backend_reason_names_rotary():
+def test_cuda_backend_accepts_rotary():
+    """The cuda reasons accept rotary inputs (where the kernels run: under the emulation layer here); "auto"
+    order is unchanged."""
     q = torch.randn(1, 4, 2, 1, 8)
     cos, sin = tables(4, 8, torch.float32)
     why = _backend.reasons("temporal_attention", "cuda", q=q, rotary_cos=cos, rotary_sin=sin)
-    assert any("rotary" in w for w in why), why
+    assert not any("rotary" in w for w in why), why
+    if not _ext.HAS_CUDA_EMULATION:
+        pytest.skip(f"CUDA emulation layer not built: {_ext.CUDA_EMULATION_IMPORT_ERROR}")
+    with testing.cuda_emulation():
+        assert _backend.reasons("temporal_attention", "cuda", q=q, rotary_cos=cos, rotary_sin=sin) == []
+        with torch.enable_grad():
+            learned = cos.clone().requires_grad_(True)
+            why = _backend.reasons("temporal_attention", "cuda", q=q, rotary_cos=learned, rotary_sin=sin)
+            assert any("require grad" in w for w in why), why
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The CUDA kernels (csrc/cuda/spacetime_temporal.cu), run on the CPU through the emulation layer
+
+needs_emulation = pytest.mark.skipif(
+    not _ext.HAS_CUDA_EMULATION, reason=f"CUDA emulation layer not built: {_ext.CUDA_EMULATION_IMPORT_ERROR}"
+)
+
+# (B, T, S, H, D, rot_dim, dtype, strided): interleaved chunks of 32 with a rotated tail (40/32, 70/68), half-split
+# chunks of 16 pairs with a ragged last one (half 17, 34) and the unrotated dims after them, rot_dim 2 and D,
+# T = 1, 17 and 97 frames, unaligned fp16 / bf16 rows (odd D), strided views of one projection.
+CUDA_CASES = [
+    (1, 1, 3, 1, 6, 6, torch.float32, False),
+    (2, 17, 2, 2, 40, 32, torch.float32, True),
+    (1, 97, 1, 1, 8, 8, torch.float32, False),
+    (1, 9, 2, 1, 70, 68, torch.float32, True),
+    (2, 7, 2, 2, 37, 34, torch.float16, True),
+    (1, 6, 3, 1, 33, 2, torch.bfloat16, False),
+]
+
+
+@needs_emulation
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-{str(c[6])[6:]}"
+                         + ("-strided" if c[7] else ""))  # fmt: skip
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_kernels(case, interleaved):
+    """backend="cuda" under emulation vs float64: out, dq, dk, dv and dbias, with bias, segments and causal, random
+    tables (the two entries of a pair differ: a swapped sin_a / sin_b fails)."""
+    B, T, S, H, D, rot_dim, dtype, strided = case
+    width = D + 3 if strided else D
+    with testing.cuda_emulation():  # allocated inside: reads past the end of any input fault
+        qkv = torch.randn(B, T, S, 3, H, width).to(dtype)[..., :D]
+        q, k, v = (qkv[:, :, :, i] if strided else qkv[:, :, :, i].clone() for i in range(3))
+        q, k, v = (x.detach().requires_grad_(True) for x in (q, k, v))
+        cos, sin = tables(T, rot_dim, torch.float32, random=True)
+        bias = torch.randn(H, T, T, requires_grad=True)
+        segments = segments_for(B, T)
+        kwargs = dict(bias=bias, segment_ids=segments, causal=True, rotary=(cos, sin), rotary_interleaved=interleaved)
+        out = torchnova.temporal_attention(q, k, v, **kwargs, backend="cuda")
+        got = torch.autograd.grad(out, (q, k, v, bias), upstream(out))
+    inputs64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, bias)]
+    kwargs.update(bias=inputs64[3], rotary=(cos.double(), sin.double()))
+    expected = temporal_attention_ref(*inputs64[:3], **kwargs)
+    want = torch.autograd.grad(expected, inputs64, upstream(expected))
+    assert_close(out, expected, dtype, "fwd", "out")
+    for name, g, w in zip(["dq", "dk", "dv", "dbias"], got, want):
+        assert_close(g, w, dtype, "grad", name)
+
+
+@needs_emulation
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_kernels_packed_and_deterministic(interleaved):
+    """The packed rotary op (the unpacked CUDA kernels on views of qkv) vs float64, and two runs bit-identical
+    (out, dqkv, dbias)."""
+    B, T, S, H, D, rot_dim = 2, 5, 3, 2, 20, 12
+    qkv0 = torch.randn(B, T, S, 3, H, D, dtype=torch.float16)
+    bias0 = torch.randn(H, T, T)
+    cos, sin = tables(T, rot_dim, torch.float32)
+    runs = []
+    for _ in range(2):
+        with testing.cuda_emulation():
+            qkv, bias = qkv0.clone().requires_grad_(True), bias0.clone().requires_grad_(True)
+            out = torchnova.temporal_attention_qkvpacked(
+                qkv, bias=bias, rotary=(cos, sin), rotary_interleaved=interleaved, backend="cuda"
+            )  # fmt: skip
+            runs.append([out, *torch.autograd.grad(out, (qkv, bias), upstream(out))])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    qkv64, bias64 = qkv0.double().requires_grad_(True), bias0.double().requires_grad_(True)
+    rotary = (cos.double(), sin.double())
+    expected = temporal_attention_ref(*qkv64.unbind(3), bias=bias64, rotary=rotary, rotary_interleaved=interleaved)
+    want = torch.autograd.grad(expected, (qkv64, bias64), upstream(expected))
+    assert_close(runs[0][0], expected, torch.float16, "fwd", "out")
+    assert_close(runs[0][1], want[0], torch.float16, "grad", "dqkv")
+    assert_close(runs[0][2], want[1], torch.float16, "grad", "dbias")
+
+
+def _emulation_options(*names):
+    """Skip unless testing.cuda_emulation() takes these keyword arguments (the race check and exact ends came with
+    a later emulation layer than some builds have)."""
+    missing = [n for n in names if n not in inspect.signature(testing.cuda_emulation).parameters]
+    if missing:
+        pytest.skip(f"this emulation layer has no cuda_emulation({', '.join(missing)}=...)")
+
+
+def _rotary_fwd_bwd(interleaved, dtype=torch.float32, D=37, rot_dim=34):
+    """One rotary temporal fwd+bwd on the cuda backend (inside cuda_emulation): out, dq, dk, dv, dbias."""
+    B, T, S, H = 2, 9, 3, 2
+    q, k, v = (torch.randn(B, T, S, H, D).to(dtype).requires_grad_(True) for _ in range(3))
+    bias = torch.randn(H, T, T, requires_grad=True)
+    cos, sin = tables(T, rot_dim, torch.float32, random=True)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments_for(B, T), causal=True,
+                                       rotary=(cos, sin), rotary_interleaved=interleaved, backend="cuda")  # fmt: skip
+    return [out, *torch.autograd.grad(out, (q, k, v, bias), upstream(out))], (q, k, v, bias, cos, sin)
+
+
+@needs_emulation
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_race_check_schedules_agree(interleaved):
+    """The emulation's race check: the threads of each block in thread order, then in reverse, between
+    synchronisation points; a shared-memory race would make the bits differ."""
+    _emulation_options("schedule")
+    results = []
+    for schedule in testing.SCHEDULES:
+        torch.manual_seed(3)
+        with testing.cuda_emulation(schedule=schedule):
+            results.append(_rotary_fwd_bwd(interleaved)[0])
+    for forward, reverse in zip(*results):
+        assert torch.equal(forward, reverse), "rotary temporal kernels: results differ between schedules (a race)"
+
+
+@needs_emulation
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_rotary_cuda_exact_ends_fp16(interleaved):
+    """Tensors that end exactly at the guard page: a read of a rotated partner past a row's end faults, and the
+    odd-D fp16 rows start misaligned."""
+    _emulation_options("exact_ends")
+    with testing.cuda_emulation(exact_ends=True):
+        got, (q, k, v, bias, cos, sin) = _rotary_fwd_bwd(interleaved, torch.float16)
+    inputs64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, bias)]
+    expected = temporal_attention_ref(*inputs64[:3], bias=inputs64[3], segment_ids=segments_for(2, 9), causal=True,
+                                      rotary=(cos.double(), sin.double()), rotary_interleaved=interleaved)  # fmt: skip
+    want = [expected, *torch.autograd.grad(expected, inputs64, upstream(expected))]
+    for name, g, w in zip(["out", "dq", "dk", "dv", "dbias"], got, want):
+        assert_close(g, w, torch.float16, "fwd" if name == "out" else "grad", name)
+
+
+@needs_emulation
+def test_video_diffusion_unet_on_the_cuda_kernels():
+    """video-diffusion-pytorch's Unet3D patched with backend="cuda" (its rotary temporal attention, partial rotation
+    of 32 of 40 dims, interleaved, plus its spatial attention, on the emulated CUDA kernels) vs the library's own
+    forward in float64: output and every parameter gradient, fp32 tolerance."""
+    vdp = pytest.importorskip("video_diffusion_pytorch.video_diffusion_pytorch",
+                              reason="pip install video-diffusion-pytorch==0.7.0")  # fmt: skip
+    import torchnova.integrations.video_diffusion_pytorch as tn_vdp
+
+    def make(dtype):
+        torch.manual_seed(0)
+        model = vdp.Unet3D(dim=8, dim_mults=(1,), channels=3, attn_heads=2, attn_dim_head=40)
+        with torch.no_grad():
+            model.time_rel_pos_bias.relative_attention_bias.weight.normal_()
+        return model.to(dtype)
+
+    def run(model, x, time, focus):
+        out = model(x, time, focus_present_mask=focus)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, params, upstream(out), allow_unused=True)
+
+    x = torch.randn(2, 3, 5, 3, 3, dtype=torch.float64)
+    time, focus = torch.tensor([3.0, 7.0], dtype=torch.float64), torch.tensor([True, False])
+    patched = make(torch.float32)
+    assert tn_vdp.patch(patched, backend="cuda") == 5
+    with testing.cuda_emulation():
+        # The model's conv3d (oneDNN) rejects guard-page allocations; the kernels' bounds are checked above.
+        _ext._C_cuda_emu.set_guarded_allocation(False)
+        got = run(patched, x.float(), time.float(), focus)
+    want = run(make(torch.float64), x, time, focus)
+    assert_close(got[0], want[0], torch.float32, "fwd", "output")
+    names = [name for name, p in patched.named_parameters() if p.requires_grad]
+    assert len(names) >= 20
+    for name, g, w in zip(names, got[1], want[1]):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            assert_close(g, w, torch.float32, "grad", name)
+
+
+@needs_emulation
+def test_rotary_cuda_kernels_check_the_tables():
+    """The CUDA ops check the tables as the other backends do (shape, rot_dim, dtype float32, contiguity)."""
+    q = torch.randn(1, 4, 2, 1, 8)
+    ops = torch.ops.torchnova
+    cos, sin = tables(4, 6, torch.float32)
+    with testing.cuda_emulation():
+        for bad_cos, bad_sin, match in (
+            (cos[:, :5], sin[:, :5], r"rot_dim even"),
+            (cos, sin[:3], r"rotary_sin must have rotary_cos's shape"),
+            (cos.double(), sin, r"rotary_cos must be float32"),
+            (torch.cat([cos, cos], 1)[:, ::2], sin, r"rotary_cos must be contiguous"),
+        ):
+            with pytest.raises(RuntimeError, match=match):
+                ops.temporal_attention_rotary_fwd_cuda_emu(q, q, q, None, None, False, 0.5, bad_cos, bad_sin, True)
 
 
 @pytest.mark.parametrize(

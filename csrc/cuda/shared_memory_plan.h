@@ -19,6 +19,8 @@
 //   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
 //                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
+// The rotary temporal launches (temporal_attention_rotary_*) request the same bytes: q and k are rotated in
+// registers as their tiles load, and the backward's transpose rotation takes the partner column by a shuffle.
 #pragma once
 
 #include <cstdint>

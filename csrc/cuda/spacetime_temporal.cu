@@ -17,6 +17,19 @@
 // lse (B, T, S, H) float32; outputs contiguous; dbias (H, T, T) float32 or (0,).
 // Limits: T in 1..128, D in 1..256.
 //
+// Rotary position embedding (the temporal_attention_rotary_* ops; the same kernels, template flag kRotary): q and
+// k are rotated as their tiles are loaded into shared memory, so no rotated copy ever goes through HBM:
+//   x'[t]_a = cos[t]_a x[t]_a - sin[t]_a x[t]_b,   x'[t]_b = cos[t]_b x[t]_b + sin[t]_b x[t]_a
+// on the pairs (a, b) = (2i, 2i+1) (interleaved, rotary-embedding-torch) or (i, i + rot_dim/2) (half-split,
+// GPT-NeoX / HF) of the first rot_dim head dims (the rest pass through); rotary_cos, rotary_sin (T, rot_dim)
+// float32 contiguous. Scores, P, dS are then those of q', k', and dq', dk' go back through the transpose map
+//   dx_a = cos_a dx'_a + sin_b dx'_b,   dx_b = cos_b dx'_b - sin_a dx'_a        (no gradient for the tables).
+// Both members of a pair sit in the same 32-column q/k tile, on partner lanes lane ^ 1 (interleaved: chunks of 32
+// consecutive dims) or lane ^ 16 (half-split: a q/k chunk holds 16 first members in lanes 0..15 and their 16
+// partners in lanes 16..31; the dims past rot_dim follow in chunks of 32). The dot products do not care about
+// the column order, a lane loads its own element and its partner's (the same row, already in L1), and the
+// backward's transpose map takes the partner's dq', dk' with one shuffle: no extra shared memory.
+//
 // Work split: one warp owns one problem at a time; warps never synchronise with each other, so a block is just
 // warps_per_block independent warps, each with its own slice of dynamic shared memory:
 //   probs [T][ld] fp32 (ld = T | 1, odd: lanes walking a column of rows hit distinct banks),
@@ -43,6 +56,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "spacetime_common.cuh"
 
@@ -79,6 +93,77 @@ __device__ __forceinline__ bool is_visible(int i, int j, bool causal,
   return segment_row == nullptr || segment_row[i] == segment_row[j];
 }
 
+// Rotary tables (file header); cos == nullptr on the launches without rotation.
+struct Rotary {
+  const float* cos;  // (T, rot_dim) contiguous
+  const float* sin;  // (T, rot_dim) contiguous
+  int rot_dim;       // even, 2..D
+  bool interleaved;
+};
+
+__host__ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Half-split q/k chunks: 16 pairs per chunk.
+constexpr int kHalfPairsPerChunk = kWarpSize / 2;
+
+// Number of q/k column chunks under rotation (file header): ceil(D / 32) interleaved; half-split
+// ceil(rot_dim / 32) chunks of 16 pairs, then ceil((D - rot_dim) / 32) chunks of the unrotated dims.
+__device__ __forceinline__ int rotary_qk_chunks(const Rotary& rot, int D) {
+  if (rot.interleaved) return ceil_div(D, kTileCols);
+  return ceil_div(rot.rot_dim / 2, kHalfPairsPerChunk) + ceil_div(D - rot.rot_dim, kTileCols);
+}
+
+// The head-dim column a lane holds in q/k chunk `chunk` under rotation, and its pair.
+struct RotaryColumn {
+  int d;          // head dim of this lane's tile column, -1: none (the column is zero)
+  int partner;    // the other member of d's pair (held by lane ^ partner_lane_mask), -1: d is not rotated
+  float sign;     // x'_d = cos_d x_d + sign * sin_d x_partner: -1 for a pair's first member, +1 for its second
+  bool chunk_rotated;  // some column of this chunk is rotated (uniform across the warp)
+};
+
+__device__ __forceinline__ int partner_lane_mask(const Rotary& rot) { return rot.interleaved ? 1 : kWarpSize / 2; }
+
+__device__ __forceinline__ RotaryColumn rotary_column(const Rotary& rot, int D, int chunk, int lane) {
+  const int rot_dim = rot.rot_dim;
+  if (rot.interleaved) {
+    const int d = chunk * kTileCols + lane;
+    const bool chunk_rotated = chunk * kTileCols < rot_dim;
+    if (d >= D) return {-1, -1, 0.f, chunk_rotated};
+    if (d < rot_dim) return {d, d ^ 1, (d & 1) ? 1.f : -1.f, chunk_rotated};
+    return {d, -1, 0.f, chunk_rotated};
+  }
+  const int half = rot_dim / 2, rotary_chunks = ceil_div(half, kHalfPairsPerChunk);
+  if (chunk < rotary_chunks) {
+    const int pair = chunk * kHalfPairsPerChunk + lane % kHalfPairsPerChunk;
+    if (pair >= half) return {-1, -1, 0.f, true};
+    return lane < kHalfPairsPerChunk ? RotaryColumn{pair, pair + half, -1.f, true}
+                                     : RotaryColumn{pair + half, pair, 1.f, true};
+  }
+  const int d = rot_dim + (chunk - rotary_chunks) * kTileCols + lane;
+  return {d < D ? d : -1, -1, 0.f, false};
+}
+
+// tile[i][lane] = x'[i, col.d] (rotated, file header) for the T rows of one problem, 0 where col.d == -1.
+template <typename scalar_t>
+__device__ __forceinline__ void load_rotated_tile(float* tile,           // [T][kTileLd]
+                                                  const scalar_t* row0,  // x[b, 0, s, h, :]
+                                                  int64_t frame_stride,  // element stride over t
+                                                  int T, const Rotary& rot, const RotaryColumn& col, int lane) {
+#pragma unroll 4
+  for (int i = 0; i < T; ++i) {
+    float x = 0.f;
+    if (col.d >= 0) {
+      const scalar_t* row = row0 + i * frame_stride;
+      x = to_float(row[col.d]);
+      if (col.partner >= 0) {
+        const int64_t e = int64_t(i) * rot.rot_dim + col.d;
+        x = rot.cos[e] * x + col.sign * rot.sin[e] * to_float(row[col.partner]);
+      }
+    }
+    tile[i * kTileLd + lane] = x;
+  }
+}
+
 // tile[i][c] = x[i, c0 + c] for the T rows of one problem, 0 where c0 + c >= D.
 template <typename scalar_t>
 __device__ __forceinline__ void load_tile(float* tile,                // [T][kTileLd]
@@ -108,21 +193,34 @@ __device__ __forceinline__ void accumulate_abt(float* acc,      // [T][ld]
   }
 }
 
-// probs[i][j] = q_i . k_j (unscaled), over the ceil(D / 32) column chunks.
-template <typename scalar_t>
+// probs[i][j] = q_i . k_j (unscaled; q', k' under rotation), over the ceil(D / 32) column chunks (the rotary
+// q/k chunks under rotation).
+template <bool kRotary, typename scalar_t>
 __device__ __forceinline__ void raw_scores(float* probs, int ld, float* tile_a, float* tile_b, const scalar_t* q_row0,
                                            int64_t q_frame_stride, const scalar_t* k_row0, int64_t k_frame_stride,
-                                           int T, int D, int lane) {
-  for (int c0 = 0; c0 < D; c0 += kTileCols) {
-    load_tile(tile_a, q_row0, q_frame_stride, T, D, c0, lane);
-    load_tile(tile_b, k_row0, k_frame_stride, T, D, c0, lane);
-    __syncwarp();
-    accumulate_abt(probs, ld, tile_a, tile_b, T, lane, c0 == 0);
-    __syncwarp();
+                                           int T, int D, const Rotary& rot, int lane) {
+  if constexpr (kRotary) {
+    const int chunks = rotary_qk_chunks(rot, D);
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const RotaryColumn col = rotary_column(rot, D, chunk, lane);
+      load_rotated_tile(tile_a, q_row0, q_frame_stride, T, rot, col, lane);
+      load_rotated_tile(tile_b, k_row0, k_frame_stride, T, rot, col, lane);
+      __syncwarp();
+      accumulate_abt(probs, ld, tile_a, tile_b, T, lane, chunk == 0);
+      __syncwarp();
+    }
+  } else {
+    for (int c0 = 0; c0 < D; c0 += kTileCols) {
+      load_tile(tile_a, q_row0, q_frame_stride, T, D, c0, lane);
+      load_tile(tile_b, k_row0, k_frame_stride, T, D, c0, lane);
+      __syncwarp();
+      accumulate_abt(probs, ld, tile_a, tile_b, T, lane, c0 == 0);
+      __syncwarp();
+    }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRotary>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
     temporal_fwd_kernel(const scalar_t* __restrict__ q,  // (B, T, S, H, D), strides q_st
                         const scalar_t* __restrict__ k,  // (B, T, S, H, D), strides k_st
@@ -131,6 +229,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
                         const float* __restrict__ bias,           // (H, T, T) contiguous, or nullptr
                         const int64_t* __restrict__ segment_ids,  // (B, T) contiguous, or nullptr
                         bool causal, float scale, int64_t B, int T, int64_t S, int H, int D,
+                        Rotary rot,                  // tables (T, rot_dim) when kRotary, else unused
                         scalar_t* __restrict__ out,  // (B, T, S, H, D) contiguous
                         float* __restrict__ lse) {   // (B, T, S, H) contiguous
   extern __shared__ float smem[];
@@ -143,8 +242,8 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
   float* tile_a = probs + T * ld;                                    // [T][kTileLd]
   float* tile_b = tile_a + T * kTileLd;                              // [T][kTileLd]
 
-  raw_scores(probs, ld, tile_a, tile_b, q + token_offset(q_st, b, 0, s, h), q_st.t, k + token_offset(k_st, b, 0, s, h),
-             k_st.t, T, D, lane);
+  raw_scores<kRotary>(probs, ld, tile_a, tile_b, q + token_offset(q_st, b, 0, s, h), q_st.t,
+                      k + token_offset(k_st, b, 0, s, h), k_st.t, T, D, rot, lane);
 
   // Softmax, one row per lane.
   const int64_t* segment_row = segment_ids == nullptr ? nullptr : segment_ids + b * T;
@@ -188,7 +287,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kRotary>
 __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
     temporal_bwd_kernel(const scalar_t* __restrict__ grad_out,  // (B, T, S, H, D), strides do_st
                         const scalar_t* __restrict__ q,         // (B, T, S, H, D), strides q_st
@@ -200,6 +299,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
                         const int64_t* __restrict__ segment_ids,  // (B, T) contiguous, or nullptr
                         bool causal, float scale, int64_t B, int T, int64_t S, int H, int D,
                         int64_t chunks_per_head,             // C: warps per head
+                        Rotary rot,                          // tables (T, rot_dim) when kRotary, else unused
                         scalar_t* __restrict__ dq,           // (B, T, S, H, D) contiguous
                         scalar_t* __restrict__ dk,           // (B, T, S, H, D) contiguous
                         scalar_t* __restrict__ dv,           // (B, T, S, H, D) contiguous
@@ -223,7 +323,7 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
     const int64_t s = bs % S, b = bs / S;
     const scalar_t* q_row0 = q + token_offset(q_st, b, 0, s, h);
     const scalar_t* k_row0 = k + token_offset(k_st, b, 0, s, h);
-    raw_scores(probs, ld, tile_a, tile_b, q_row0, q_st.t, k_row0, k_st.t, T, D, lane);
+    raw_scores<kRotary>(probs, ld, tile_a, tile_b, q_row0, q_st.t, k_row0, k_st.t, T, D, rot, lane);
 
     // P from the forward's lse, one row per lane.
     const int64_t* segment_row = segment_ids == nullptr ? nullptr : segment_ids + b * T;
@@ -272,25 +372,59 @@ __global__ void __launch_bounds__(kMaxWarpsPerBlock * kWarpSize)
       }
     }
 
-    // dq = scale * dS k and dk = scale * dS^T q, chunk by chunk.
-    for (int c0 = 0; c0 < D; c0 += kTileCols) {
-      load_tile(tile_a, k_row0, k_st.t, T, D, c0, lane);
-      load_tile(tile_b, q_row0, q_st.t, T, D, c0, lane);
-      __syncwarp();
-      const int d = c0 + lane;
-      for (int i = 0; i < T; ++i) {
-        float acc_q = 0.f, acc_k = 0.f;
-        for (int j = 0; j < T; ++j) {
-          acc_q += probs[i * ld + j] * tile_a[j * kTileLd + lane];  // dS[i, j] k[j, d]
-          acc_k += probs[j * ld + i] * tile_b[j * kTileLd + lane];  // dS[j, i] q[j, d]
+    // dq = scale * dS k and dk = scale * dS^T q, chunk by chunk (under rotation: dq', dk' from k', q', then the
+    // transpose map, the partner's dq', dk' taken from its lane).
+    if constexpr (kRotary) {
+      const int chunks = rotary_qk_chunks(rot, D), partner_mask = partner_lane_mask(rot);
+      for (int chunk = 0; chunk < chunks; ++chunk) {
+        const RotaryColumn col = rotary_column(rot, D, chunk, lane);
+        load_rotated_tile(tile_a, k_row0, k_st.t, T, rot, col, lane);
+        load_rotated_tile(tile_b, q_row0, q_st.t, T, rot, col, lane);
+        __syncwarp();
+        for (int i = 0; i < T; ++i) {
+          float acc_q = 0.f, acc_k = 0.f;
+          for (int j = 0; j < T; ++j) {
+            acc_q += probs[i * ld + j] * tile_a[j * kTileLd + lane];  // dS[i, j] k'[j, d]
+            acc_k += probs[j * ld + i] * tile_b[j * kTileLd + lane];  // dS[j, i] q'[j, d]
+          }
+          if (col.chunk_rotated) {  // uniform over the warp: every lane takes part in the shuffles
+            const float partner_q = __shfl_xor_sync(kFullWarp, acc_q, partner_mask);
+            const float partner_k = __shfl_xor_sync(kFullWarp, acc_k, partner_mask);
+            if (col.partner >= 0) {  // dx_d = cos_d dx'_d - sign_d sin_partner dx'_partner
+              const int64_t e = int64_t(i) * rot.rot_dim;
+              const float c = rot.cos[e + col.d], s_partner = col.sign * rot.sin[e + col.partner];
+              acc_q = c * acc_q - s_partner * partner_q;
+              acc_k = c * acc_k - s_partner * partner_k;
+            }
+          }
+          if (col.d >= 0) {
+            const int64_t out_row = row_index(b, i, s, h, T, S, H) * D + col.d;
+            dq[out_row] = from_float<scalar_t>(scale * acc_q);
+            dk[out_row] = from_float<scalar_t>(scale * acc_k);
+          }
         }
-        if (d < D) {
-          const int64_t out_row = row_index(b, i, s, h, T, S, H) * D + d;
-          dq[out_row] = from_float<scalar_t>(scale * acc_q);
-          dk[out_row] = from_float<scalar_t>(scale * acc_k);
-        }
+        __syncwarp();
       }
-      __syncwarp();
+    } else {
+      for (int c0 = 0; c0 < D; c0 += kTileCols) {
+        load_tile(tile_a, k_row0, k_st.t, T, D, c0, lane);
+        load_tile(tile_b, q_row0, q_st.t, T, D, c0, lane);
+        __syncwarp();
+        const int d = c0 + lane;
+        for (int i = 0; i < T; ++i) {
+          float acc_q = 0.f, acc_k = 0.f;
+          for (int j = 0; j < T; ++j) {
+            acc_q += probs[i * ld + j] * tile_a[j * kTileLd + lane];  // dS[i, j] k[j, d]
+            acc_k += probs[j * ld + i] * tile_b[j * kTileLd + lane];  // dS[j, i] q[j, d]
+          }
+          if (d < D) {
+            const int64_t out_row = row_index(b, i, s, h, T, S, H) * D + d;
+            dq[out_row] = from_float<scalar_t>(scale * acc_q);
+            dk[out_row] = from_float<scalar_t>(scale * acc_k);
+          }
+        }
+        __syncwarp();
+      }
     }
   }
 }
@@ -352,12 +486,31 @@ int warps_per_block(const char* op, int64_t floats_per_warp, int T) {
   return static_cast<int>(std::min<int64_t>(kMaxWarpsPerBlock, limit / bytes));
 }
 
-std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                               const at::Tensor& v,
-                                                               const std::optional<at::Tensor>& bias,
-                                                               const std::optional<at::Tensor>& segment_ids,
-                                                               bool causal, double scale) {
-  constexpr const char* op = "temporal_attention_fwd";
+// The rotary tables of the *_rotary ops, as the other backends accept them for float32/float16/bfloat16 q (the
+// accumulation dtype float32; csrc/cpu/spacetime_temporal_cpu.cpp check_rotary) and on q's device.
+Rotary checked_rotary(const char* op, const at::Tensor& q, const at::Tensor& cos, const at::Tensor& sin,
+                      bool interleaved) {
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == q.size(1) && cos.size(1) % 2 == 0 && cos.size(1) >= 2 &&
+                  cos.size(1) <= q.size(4),
+              op, ": rotary_cos must have shape (T, rot_dim) with T = ", q.size(1),
+              ", rot_dim even, 2 <= rot_dim <= D = ", q.size(4), ", got ", cos.sizes());
+  TORCH_CHECK(sin.sizes() == cos.sizes(), op, ": rotary_sin must have rotary_cos's shape ", cos.sizes(), ", got ",
+              sin.sizes());
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"rotary_cos", &cos}, {"rotary_sin", &sin}}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32 (the accumulation dtype of ",
+                q.scalar_type(), " inputs), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), op, ": ", name, " must be on q's device ", q.device(), ", got ",
+                t->device());
+    TORCH_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t->strides());
+  }
+  return {cos.const_data_ptr<float>(), sin.const_data_ptr<float>(), static_cast<int>(cos.size(1)), interleaved};
+}
+
+// Forward of both temporal ops; rotary: the tables of the *_rotary op, or nullopt.
+std::tuple<at::Tensor, at::Tensor> temporal_forward(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v, const std::optional<at::Tensor>& bias,
+                                                    const std::optional<at::Tensor>& segment_ids, bool causal,
+                                                    double scale, const std::optional<Rotary>& rotary) {
   const TemporalArgs a = check_temporal(op, q, k, v, bias, segment_ids);
   const at::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -370,25 +523,45 @@ std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cuda(const at::Tensor&
   const int64_t smem_bytes = warps * floats_per_warp * int64_t(sizeof(float));
   const unsigned blocks = checked_grid(op, (problems + warps - 1) / warps);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Rotary rot = rotary.value_or(Rotary{nullptr, nullptr, 0, false});
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_fwd_cuda", [&] {
-    auto kernel = temporal_fwd_kernel<scalar_t>;
+    auto kernel = rotary.has_value() ? temporal_fwd_kernel<scalar_t, true> : temporal_fwd_kernel<scalar_t, false>;
     cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxForwardSmemBytes, "the temporal forward kernel");
     TORCHNOVA_LAUNCH_KERNEL(blocks, warps * kWarpSize, smem_bytes, stream, kernel)(
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), token_strides(q),
         token_strides(k), token_strides(v), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
         segment_ids.has_value() ? segment_ids->const_data_ptr<int64_t>() : nullptr, causal,
-        static_cast<float>(scale), a.B, a.T, a.S, a.H, a.D, out.mutable_data_ptr<scalar_t>(),
+        static_cast<float>(scale), a.B, a.T, a.S, a.H, a.D, rot, out.mutable_data_ptr<scalar_t>(),
         lse.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bwd_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& segment_ids,
-    bool causal, double scale, bool needs_bias_grad, bool deterministic) {
-  constexpr const char* op = "temporal_attention_bwd";
+std::tuple<at::Tensor, at::Tensor> temporal_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                               const at::Tensor& v,
+                                                               const std::optional<at::Tensor>& bias,
+                                                               const std::optional<at::Tensor>& segment_ids,
+                                                               bool causal, double scale) {
+  return temporal_forward("temporal_attention_fwd", q, k, v, bias, segment_ids, causal, scale, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor> temporal_attention_rotary_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& segment_ids, bool causal, double scale, const at::Tensor& rotary_cos,
+    const at::Tensor& rotary_sin, bool rotary_interleaved) {
+  constexpr const char* op = "temporal_attention_rotary_fwd";
+  check_like_q(op, "q", q, q);
+  const Rotary rot = checked_rotary(op, q, rotary_cos, rotary_sin, rotary_interleaved);
+  return temporal_forward(op, q, k, v, bias, segment_ids, causal, scale, rot);
+}
+
+// Backward of both temporal ops; rotary: the tables of the *_rotary op, or nullopt.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& segment_ids, bool causal, double scale, bool needs_bias_grad,
+    bool deterministic, const std::optional<Rotary>& rotary) {
   // dbias is always reduced in a fixed order, so `deterministic` needs no separate path (see the file header).
   (void)deterministic;
   const TemporalArgs a = check_temporal(op, q, k, v, bias, segment_ids);
@@ -423,15 +596,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   const unsigned blocks = checked_grid(op, (total_warps + warps - 1) / warps);
   at::Tensor partial = needs_bias_grad ? at::empty({chunks_per_head, a.H, a.T, a.T}, acc_options) : at::Tensor();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const Rotary rot = rotary.value_or(Rotary{nullptr, nullptr, 0, false});
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "temporal_attention_bwd_cuda", [&] {
-    auto kernel = temporal_bwd_kernel<scalar_t>;
+    auto kernel = rotary.has_value() ? temporal_bwd_kernel<scalar_t, true> : temporal_bwd_kernel<scalar_t, false>;
     cuda_smem::prepare_launch(op, kernel, smem_bytes, kMaxBackwardSmemBytes, "the temporal backward kernel");
     TORCHNOVA_LAUNCH_KERNEL(blocks, warps * kWarpSize, smem_bytes, stream, kernel)(
         grad_out_u.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
         v.const_data_ptr<scalar_t>(), token_strides(grad_out_u), token_strides(q), token_strides(k), token_strides(v),
         lse_c.const_data_ptr<float>(), bias.has_value() ? bias->const_data_ptr<float>() : nullptr,
         segment_ids.has_value() ? segment_ids->const_data_ptr<int64_t>() : nullptr, causal,
-        static_cast<float>(scale), a.B, a.T, a.S, a.H, a.D, chunks_per_head, dq.mutable_data_ptr<scalar_t>(),
+        static_cast<float>(scale), a.B, a.T, a.S, a.H, a.D, chunks_per_head, rot, dq.mutable_data_ptr<scalar_t>(),
         dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(),
         needs_bias_grad ? partial.mutable_data_ptr<float>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -446,11 +620,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bw
   return {dq, dk, dv, dbias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, bool needs_bias_grad, bool deterministic) {
+  return temporal_backward("temporal_attention_bwd", grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale,
+                           needs_bias_grad, deterministic, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> temporal_attention_rotary_bwd_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& segment_ids,
+    bool causal, double scale, const at::Tensor& rotary_cos, const at::Tensor& rotary_sin, bool rotary_interleaved,
+    bool needs_bias_grad, bool deterministic) {
+  constexpr const char* op = "temporal_attention_rotary_bwd";
+  check_like_q(op, "q", q, q);
+  const Rotary rot = checked_rotary(op, q, rotary_cos, rotary_sin, rotary_interleaved);
+  return temporal_backward(op, grad_out, q, k, v, out, lse, bias, segment_ids, causal, scale, needs_bias_grad,
+                           deterministic, rot);
+}
+
 }  // namespace
 
+// The qkv-packed ops (plain and rotary) run these on views of qkv (csrc/spacetime_ops.cpp).
 TORCH_LIBRARY_IMPL(torchnova, CUDA, m) {
   m.impl("temporal_attention_fwd", &temporal_attention_fwd_cuda);
   m.impl("temporal_attention_bwd", &temporal_attention_bwd_cuda);
+  m.impl("temporal_attention_rotary_fwd", &temporal_attention_rotary_fwd_cuda);
+  m.impl("temporal_attention_rotary_bwd", &temporal_attention_rotary_bwd_cuda);
 }
 
 }  // namespace torchnova

@@ -46,13 +46,18 @@ constexpr const char* kEmulatedOps[] = {
     "temporal_attention_bwd", "spatial_attention_fwd", "spatial_attention_bwd",
     "temporal_attention_qkvpacked_fwd", "temporal_attention_qkvpacked_bwd", "spatial_attention_qkvpacked_fwd",
     "spatial_attention_qkvpacked_bwd",  "cogvideo_attention_fwd",           "cogvideo_attention_bwd",
-    "dual_channel_mix_fwd",             "dual_channel_mix_bwd"};
+    "dual_channel_mix_fwd",             "dual_channel_mix_bwd",
+    "temporal_attention_rotary_fwd",    "temporal_attention_rotary_bwd",
+    "temporal_attention_rotary_qkvpacked_fwd", "temporal_attention_rotary_qkvpacked_bwd"};
 
 constexpr char kTemporalFwd[] = "torchnova::temporal_attention_fwd_cuda_emu";
 constexpr char kTemporalBwd[] = "torchnova::temporal_attention_bwd_cuda_emu";
 constexpr char kSpatialFwd[] = "torchnova::spatial_attention_fwd_cuda_emu";
 constexpr char kSpatialBwd[] = "torchnova::spatial_attention_bwd_cuda_emu";
 using Packed = torchnova::spacetime::PackedViaUnpacked<kTemporalFwd, kTemporalBwd, kSpatialFwd, kSpatialBwd>;
+constexpr char kRotaryFwd[] = "torchnova::temporal_attention_rotary_fwd_cuda_emu";
+constexpr char kRotaryBwd[] = "torchnova::temporal_attention_rotary_bwd_cuda_emu";
+using RotaryPacked = torchnova::spacetime::RotaryPackedViaUnpacked<kRotaryFwd, kRotaryBwd>;
 
 // Idempotent: defines torchnova::<op>_cuda_emu for every op with the real op's schema.
 void register_ops() {
@@ -77,6 +82,8 @@ void register_ops() {
   impls->impl("temporal_attention_qkvpacked_bwd_cuda_emu", &Packed::temporal_bwd);
   impls->impl("spatial_attention_qkvpacked_fwd_cuda_emu", &Packed::spatial_fwd);
   impls->impl("spatial_attention_qkvpacked_bwd_cuda_emu", &Packed::spatial_bwd);
+  impls->impl("temporal_attention_rotary_qkvpacked_fwd_cuda_emu", &RotaryPacked::fwd);
+  impls->impl("temporal_attention_rotary_qkvpacked_bwd_cuda_emu", &RotaryPacked::bwd);
   done = true;
 }
 

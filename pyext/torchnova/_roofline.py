@@ -11,13 +11,15 @@ its kernels run on and an *achieved fraction* of that unit's peak, assumed until
 and ``auto`` tries the backends in increasing predicted time (ties keep the registration order). Everything
 here is metadata arithmetic: no tensor is read, nothing syncs.
 
-Units: the CUDA kernels of this package are SIMT (fp32 FMA, whatever the input dtype); the Triton kernels use
-``tl.dot``, which runs on the tensor cores for fp16/bf16 inputs and as IEEE fp32 FMA (``input_precision="ieee"``)
-for fp32 inputs.
+Units: the Triton kernels use ``tl.dot``, which runs on the tensor cores for fp16/bf16 inputs (wgmma on sm_90,
+mma.sync before) and as IEEE fp32 FMA (``input_precision="ieee"``) for fp32 inputs. The CUDA kernels of
+spatial_attention and cogvideo_attention run fp16/bf16 inputs with D <= 128 on their tensor-core kernels (mma.sync,
+csrc/cuda/attention_tc_*.cu); everything else on the CUDA backend is SIMT (fp32 FMA, whatever the input dtype).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -34,13 +36,14 @@ class GpuPeaks:
     bandwidth: float  # bytes/s of HBM/GDDR
     fp32_simt: float  # FLOP/s of non-tensor fp32 FMA
     half_tensor: float  # FLOP/s of fp16/bf16 tensor-core MMA with fp32 accumulation (halved on GeForce cards)
+    wgmma: bool = False  # sm_90: the dense peak needs wgmma; mma.sync reaches about two thirds of it
 
 
 # Matched against torch.cuda.get_device_name() by substring, first match wins (so "H100 PCIe" before "H100").
 GPU_PEAKS: tuple[tuple[str, GpuPeaks], ...] = (
-    ("H200", GpuPeaks("H200", 4.8e12, 66.9e12, 989.4e12)),
-    ("H100 PCIe", GpuPeaks("H100 PCIe", 2.0e12, 51.2e12, 756.0e12)),
-    ("H100", GpuPeaks("H100 SXM", 3.35e12, 66.9e12, 989.4e12)),
+    ("H200", GpuPeaks("H200", 4.8e12, 66.9e12, 989.4e12, wgmma=True)),
+    ("H100 PCIe", GpuPeaks("H100 PCIe", 2.0e12, 51.2e12, 756.0e12, wgmma=True)),
+    ("H100", GpuPeaks("H100 SXM", 3.35e12, 66.9e12, 989.4e12, wgmma=True)),
     ("A100", GpuPeaks("A100 SXM", 2.039e12, 19.5e12, 312.0e12)),
     ("L40S", GpuPeaks("L40S", 0.864e12, 91.6e12, 362.0e12)),
     ("RTX 5090", GpuPeaks("RTX 5090", 1.792e12, 104.8e12, 209.5e12)),
@@ -57,7 +60,10 @@ FALLBACK_PEAKS = GPU_PEAKS[3][1]
 #   (Triton) 85-90 % of FA2. SIMT attention kernels rarely reach half of their own fp32 peak.
 # - memory: Liger's Triton KL streams at ~99 % of HBM bandwidth; 80 % is what a tuned streaming kernel keeps at
 #   the shapes users run (short rows, tails), for Triton and hand-written CUDA alike.
-COMPUTE_FRACTION = {"tensor": 0.45, "simt": 0.40}
+# - mma.sync on sm_90: FlashAttention-2 (mma.sync) reaches ~35 % of an H100's dense peak where FlashAttention-3
+#   (wgmma) reaches 75 %; Triton's tl.dot compiles to wgmma there. So the package's mma.sync kernels are assumed at
+#   0.35 on Hopper and at the tensor fraction elsewhere.
+COMPUTE_FRACTION = {"tensor": 0.45, "simt": 0.40, "mma_sync_on_hopper": 0.35}
 MEMORY_FRACTION = {"cuda": 0.80, "triton": 0.80}
 
 
@@ -68,6 +74,7 @@ class Workload:
     flops: float
     bytes: float
     bucket: str  # the shape bucket the tune cache is keyed by, e.g. "T16-D64"
+    cuda_tensor_cores: bool = False  # the cuda backend has tensor-core kernels for these shapes (fp16/bf16 inputs)
 
 
 def peaks_for(device_name: str) -> GpuPeaks:
@@ -77,15 +84,25 @@ def peaks_for(device_name: str) -> GpuPeaks:
     return FALLBACK_PEAKS
 
 
-def compute_unit(backend: str, dtype: torch.dtype) -> str:
-    """'tensor' for the Triton kernels' fp16/bf16 dots, 'simt' for everything else (fp32 FMA)."""
-    return "tensor" if backend == "triton" and dtype in (torch.float16, torch.bfloat16) else "simt"
+def compute_unit(backend: str, dtype: torch.dtype, work: Workload | None = None) -> str:
+    """'tensor' for the Triton kernels' fp16/bf16 dots and the CUDA tensor-core kernels, 'simt' for the rest."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "simt"
+    if backend == "triton" or (backend == "cuda" and work is not None and work.cuda_tensor_cores):
+        return "tensor"
+    return "simt"
+
+
+def compute_fraction(backend: str, unit: str, peaks: GpuPeaks) -> float:
+    if unit == "tensor" and backend == "cuda" and peaks.wgmma:
+        return COMPUTE_FRACTION["mma_sync_on_hopper"]
+    return COMPUTE_FRACTION[unit]
 
 
 def predicted_seconds(work: Workload, backend: str, dtype: torch.dtype, peaks: GpuPeaks) -> float:
-    unit = compute_unit(backend, dtype)
+    unit = compute_unit(backend, dtype, work)
     peak = peaks.half_tensor if unit == "tensor" else peaks.fp32_simt
-    compute = work.flops / (peak * COMPUTE_FRACTION[unit])
+    compute = work.flops / (peak * compute_fraction(backend, unit, peaks))
     memory = work.bytes / (peaks.bandwidth * MEMORY_FRACTION.get(backend, 0.5))
     return max(compute, memory)
 
@@ -138,9 +155,14 @@ def temporal_workload(q, **_) -> Workload:
     return attention_workload(B * S * H, T, T, D, item, B * T * S * H, f"T{pow2_bucket(T)}-D{pow2_bucket(D)}")
 
 
+# The head dims the CUDA tensor-core attention kernels take (csrc/cuda/attention_tc_*.cu); larger ones run SIMT.
+CUDA_TENSOR_CORE_MAX_HEAD_DIM = 128
+
+
 def spatial_workload(q, **_) -> Workload:
     B, T, S, H, D, item = _video_dims(q)
-    return attention_workload(B * T * H, S, S, D, item, B * T * S * H, f"S{pow2_bucket(S)}-D{pow2_bucket(D)}")
+    work = attention_workload(B * T * H, S, S, D, item, B * T * S * H, f"S{pow2_bucket(S)}-D{pow2_bucket(D)}")
+    return dataclasses.replace(work, cuda_tensor_cores=D <= CUDA_TENSOR_CORE_MAX_HEAD_DIM)
 
 
 def cogvideo_workload(x, head_dim=None, text_len=0, frames=1, grid=(1, 1), channel="plus", attention="full",
@@ -155,7 +177,8 @@ def cogvideo_workload(x, head_dim=None, text_len=0, frames=1, grid=(1, 1), chann
     else:
         keys = text_len + frames * frame_tokens / 2  # causal over the whole frame raster
     bucket = f"{channel}-{attention if channel == 'plus' else 'frame'}-D{pow2_bucket(D)}"
-    return attention_workload(B * H, L, keys, D, x.element_size(), B * L * H, bucket)
+    work = attention_workload(B * H, L, keys, D, x.element_size(), B * L * H, bucket)
+    return dataclasses.replace(work, cuda_tensor_cores=D <= CUDA_TENSOR_CORE_MAX_HEAD_DIM)
 
 
 def mesa_kl_workload(student_logits, **_) -> Workload:

@@ -20,9 +20,9 @@ TRITON_INTERPRET=1, for tests), ``reference``. ``cuda`` and ``cpp`` call the sam
 gradient is reduced in a fixed order and the spatial backward uses no atomics (bit-identical across runs).
 
 Rotary position embedding (``rotary=(cos, sin)``, temporal ops): the ``temporal_attention_rotary_*`` ops (the
-temporal ones plus the tables and the pair layout) rotate q and k inside the kernels (cpp, triton); the CUDA
-kernels do not implement it yet, so ``auto`` skips ``cuda`` for rotary inputs (its reasons say so). The kernels
-give no gradient to the tables: tables that require grad (a learned rotary frequency) go to the reference.
+temporal ones plus the tables and the pair layout) rotate q and k inside the kernels (cuda, cpp, triton) as they
+are loaded; the CUDA kernels need no more shared memory for it. The kernels give no gradient to the tables:
+tables that require grad (a learned rotary frequency) go to the reference.
 """
 
 from __future__ import annotations
@@ -93,10 +93,18 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
     return _backend.shared_memory_reasons(q.device, needs)
 
 
+def _cuda_rotary_reasons(q, rotary_cos=None, **_):
+    """An extension built from sources before the rotary CUDA kernels still imports; it then says so."""
+    built = HAS_EMULATED_ROTARY if q.device.type == "cpu" else HAS_CUDA_ROTARY  # cpu: testing.cuda_emulation
+    if rotary_cos is None or built:
+        return []
+    return ["rotary: the CUDA kernels were built without the rotary ops (rebuild the extension)"]
+
+
 def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
-    why = _cuda_reasons(q, **inputs)
-    if inputs.get("rotary_cos") is not None:
-        why.append("rotary: the CUDA kernels do not implement rotary position embedding yet (cpp, triton do)")
+    why = _cuda_reasons(q, **inputs) + _rotary_kernel_reasons(**inputs)
+    if not why:  # a device the kernels run on: were the rotary ones built?
+        why += _cuda_rotary_reasons(q, **inputs)
     T = int(q.shape[1])
     if T > CUDA_MAX_FRAMES:
         why.append(f"T={T} frames > {CUDA_MAX_FRAMES}")
@@ -104,6 +112,7 @@ def _cuda_temporal_reasons(q, k=None, v=None, bias=None, **inputs):
         return why
     # One warp per block at least; the launchers fit as many warps (up to 4) as the limit allows. The backward
     # is checked whenever autograd may call it, so "auto" never picks a forward whose backward cannot launch.
+    # Rotary inputs need the same bytes (q and k are rotated in registers as their tiles are loaded).
     needs = {f"the temporal forward (T={T})": _backend.cuda_shared_memory_bytes("temporal_fwd", frames=T)}
     if _backend.may_need_backward(q, k, v, bias):
         needs[f"the temporal backward (T={T})"] = _backend.cuda_shared_memory_bytes("temporal_bwd", frames=T)
@@ -388,15 +397,22 @@ def _has_native_op(name: str) -> bool:
 # An extension built from older sources (before the rotary ops) still imports; its cpp backend then says why it
 # cannot run rotary inputs instead of torchnova failing to import.
 HAS_NATIVE_ROTARY = _ext.HAS_CPP and _has_native_op("temporal_attention_rotary_fwd")
+# The same for the CUDA kernels (csrc/cuda/spacetime_temporal.cu registers the rotary ops' CUDA kernels).
+HAS_CUDA_ROTARY = HAS_NATIVE_ROTARY and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "torchnova::temporal_attention_rotary_fwd", "CUDA"
+)  # fmt: skip
 
 if _ext.HAS_CPP:
     for _op in _FWD_BWD_REGISTRATION:
         if "rotary" not in _op or HAS_NATIVE_ROTARY:
             _register(_op)
 
-if _ext.HAS_CUDA_EMULATION:  # the CUDA kernels run on the CPU (torchnova.testing.cuda_emulation); no rotary there
+# The CUDA kernels run on the CPU (torchnova.testing.cuda_emulation); an emulation module built from sources before
+# the rotary CUDA kernels lacks the rotary ops, and then the cuda backend says so for rotary inputs.
+HAS_EMULATED_ROTARY = _ext.HAS_CUDA_EMULATION and _has_native_op("temporal_attention_rotary_fwd_cuda_emu")
+if _ext.HAS_CUDA_EMULATION:
     for _op in _FWD_BWD_REGISTRATION:
-        if "rotary" not in _op:
+        if "rotary" not in _op or HAS_EMULATED_ROTARY:
             _register(_op, "_cuda_emu")
 
 if triton_kernels.HAS_TRITON:
