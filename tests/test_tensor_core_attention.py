@@ -34,10 +34,10 @@ def _launches() -> int:
     return _ext._C_cuda_emu.tensor_core_forward_launches()
 
 
-def _spatial_fwd(q, k, v, scale=None):
+def _spatial_fwd(q, k, v, scale=None, **emulation):
     """(out, lse) of the emulated CUDA spatial forward op (whichever kernel the environment picks)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with testing.cuda_emulation():
+    with testing.cuda_emulation(**emulation):
         return torch.ops.torchnova.spatial_attention_fwd_cuda_emu(q, k, v, scale)
 
 
@@ -50,9 +50,9 @@ def _spatial_ref(q, k, v, scale=None):
     return out.permute(0, 1, 3, 2, 4), torch.logsumexp(scores, -1).permute(0, 1, 3, 2)
 
 
-def _check_spatial(q, k, v, dtype, what):
+def _check_spatial(q, k, v, dtype, what, **emulation):
     before = _launches()
-    out, lse = _spatial_fwd(q, k, v)
+    out, lse = _spatial_fwd(q, k, v, **emulation)
     assert _launches() == before + 1, f"{what}: the tensor-core kernel did not run"
     ref_out, ref_lse = _spatial_ref(q, k, v)
     assert out.is_contiguous() and out.dtype == dtype and lse.dtype == torch.float32
@@ -90,6 +90,13 @@ def test_spatial_forward_strided_inputs(D, width, path):
     _check_spatial(q, k, v, torch.float16, f"spatial strided ({path})")
 
 
+def test_spatial_forward_exact_ends():
+    """Tensors ending exactly at the guard page: a read one element past any row tail faults (and the data start
+    is no longer 16-byte aligned, so the plain-load path runs with D = 64)."""
+    q, k, v = (torch.randn(1, 1, 67, 1, 64).to(torch.float16) for _ in range(3))
+    _check_spatial(q, k, v, torch.float16, "spatial exact ends", exact_ends=True)
+
+
 def test_spatial_forward_large_scores_no_overflow():
     """Scores far beyond exp's range: the online softmax must stay finite."""
     q, k, v = (torch.randn(1, 1, 70, 1, 16) for _ in range(3))
@@ -107,8 +114,8 @@ COGVIDEO_CASES = [
 ]
 
 
-def _cogvideo(q, k, v, pad, text_len, frames, grid, channel, attention, shifted, stage, window=2):
-    with testing.cuda_emulation():
+def _cogvideo(q, k, v, pad, text_len, frames, grid, channel, attention, shifted, stage, window=2, **emulation):
+    with testing.cuda_emulation(**emulation):
         return torch.ops.torchnova.cogvideo_attention_fwd_cuda_emu(
             q, k, v, pad, text_len, frames, grid[0], grid[1], channel, attention, window, shifted, stage
         )
@@ -156,6 +163,19 @@ def test_forward_reruns_are_bit_identical():
     q, k, v = (torch.randn(1, 1, 97, 2, 40).to(torch.bfloat16) for _ in range(3))
     first, second = _spatial_fwd(q, k, v), _spatial_fwd(q, k, v)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_no_shared_memory_race_reverse_schedule_is_bit_identical():
+    """The emulation layer's race check: a shared-memory race would make the result depend on the thread order."""
+    q, k, v = (torch.randn(1, 1, 70, 2, 64).to(torch.float16) for _ in range(3))
+    forward, reverse = _spatial_fwd(q, k, v), _spatial_fwd(q, k, v, schedule="reverse")
+    assert torch.equal(forward[0], reverse[0]) and torch.equal(forward[1], reverse[1])
+    B, H, D, text_len, frames, grid = 1, 1, 33, 5, 3, (4, 6)
+    q, k, v = (torch.randn(B, text_len + frames * 24, H, D).to(torch.bfloat16) for _ in range(3))
+    pad = torch.tensor([[True, True, False, True, False]])
+    args = (q, k, v, pad, text_len, frames, grid, "plus", "window", True, "sequential")
+    forward, reverse = _cogvideo(*args), _cogvideo(*args, schedule="reverse")
+    assert torch.equal(forward[0], reverse[0]) and torch.equal(forward[1], reverse[1])
 
 
 @pytest.mark.parametrize("dtype", TC_DTYPES)

@@ -319,6 +319,9 @@ void launch_forward(const char* op, const at::Tensor& q, const at::Tensor& k, co
     dispatch_padded_head_dim(D, [&](auto padded) {
       constexpr int kDPad = decltype(padded)::value;
       constexpr int64_t kSmemBytes = smem_plan::tc_fwd_bytes_of_padded(kDPad);
+      // The kernel's carve-up of smem: Q [kBlockM][kDPad] + 2 stages x (K, V) [kBlockN][kDPad] 16-bit elements.
+      static_assert(kSmemBytes == int64_t(sizeof(scalar_t)) * (kBlockM + 2 * 2 * kBlockN) * kDPad,
+                    "shared_memory_plan.h must match the tensor-core forward's tiles");
       auto kernel = attention_tc_fwd_kernel<scalar_t, kDPad, Visibility>;
       cuda_smem::prepare_launch(op, kernel, kSmemBytes, kSmemBytes, "the tensor-core attention forward kernel");
       TORCHNOVA_LAUNCH_KERNEL(blocks, kThreads, kSmemBytes, stream, kernel)(
