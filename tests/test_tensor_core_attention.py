@@ -1,6 +1,6 @@
-"""The tensor-core (mma.sync m16n8k16) CUDA attention kernels (csrc/cuda/attention_tc_fwd.cu, flash_tc.cuh),
+"""The tensor-core (mma.sync m16n8k16, and m16n8k8 TF32 for float32) CUDA attention kernels (csrc/cuda/attention_tc_fwd.cu, flash_tc.cuh),
 executed on the CPU through the CUDA emulation layer (docs/cuda_emulation.md), against the float64 reference:
-out and lse of the forward, float16 and bfloat16, head dims through both padded widths (D = 1, 33, 64, 128),
+out and lse of the forward, float16 and bfloat16 (and float32 through TF32 when torch allows it), head dims through both padded widths (D = 1, 33, 64, 128),
 ragged sequence tails (S = 1, 17, 97, 130), strided and unaligned inputs (the cp.async and the plain-load tile
 paths), odd batch / heads, every CogVideo visibility option (text padding, window, shifted, channels,
 interpolation) including rows that see no key; determinism, agreement with the SIMT kernel, and the kernel
@@ -28,6 +28,18 @@ pytestmark = pytest.mark.skipif(
 
 TC_DTYPES = [torch.float16, torch.bfloat16]
 KERNEL_ENV = "TORCHNOVA_CUDA_ATTENTION_KERNEL"
+
+
+@pytest.fixture
+def allow_tf32():
+    """Sets torch.backends.cuda.matmul.allow_tf32 for one test (restored afterwards)."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    def set_allow_tf32(value: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = value
+
+    yield set_allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _launches() -> int:
@@ -192,12 +204,13 @@ def test_tensor_core_and_simt_forward_agree(dtype, monkeypatch):
     assert_close(tc_lse, simt_lse.double(), torch.float32, "fwd", "tensor core vs SIMT lse")
 
 
-def test_auto_picks_tensor_cores_for_16_bit_and_simt_for_float32(monkeypatch):
+def test_auto_picks_tensor_cores_for_16_bit_and_simt_for_float32(monkeypatch, allow_tf32):
     monkeypatch.delenv(KERNEL_ENV, raising=False)
+    allow_tf32(False)
     q = torch.randn(1, 1, 5, 1, 8)
     before = _launches()
     _spatial_fwd(q, q, q)
-    assert _launches() == before, "float32 has no tensor-core kernel (TF32 is not implemented): SIMT"
+    assert _launches() == before, "float32 without TF32 allowed: the SIMT kernel"
     h = q.to(torch.float16)
     _spatial_fwd(h, h, h)
     assert _launches() == before + 1
@@ -208,10 +221,12 @@ def test_auto_picks_tensor_cores_for_16_bit_and_simt_for_float32(monkeypatch):
 
 @pytest.mark.parametrize(
     "dtype, D, reason",
-    [(torch.float32, 8, "dtype is Float"), (torch.float16, 200, "head dim D = 200 exceeds 128")],
+    [(torch.float32, 8, "dtype is Float and TF32 matmuls are off"),
+     (torch.float16, 200, "head dim D = 200 exceeds 128")],
 )  # fmt: skip
-def test_forcing_tensor_cores_on_ineligible_input_raises(dtype, D, reason, monkeypatch):
+def test_forcing_tensor_cores_on_ineligible_input_raises(dtype, D, reason, monkeypatch, allow_tf32):
     monkeypatch.setenv(KERNEL_ENV, "tensor_core")
+    allow_tf32(False)
     q = torch.randn(1, 1, 3, 1, D).to(dtype)
     with pytest.raises(ValueError, match=rf"TORCHNOVA_CUDA_ATTENTION_KERNEL=tensor_core.*{reason}"):
         _spatial_fwd(q, q, q)
@@ -242,8 +257,62 @@ def test_public_op_forward_and_backward_through_tensor_core_lse(dtype):
         assert_close(x.grad, r.grad, dtype, "grad", f"spatial grad of {name}")
 
 
+# TF32: float32 inputs on the tensor cores when torch allows TF32 matmuls. TF32 keeps 10 mantissa bits, like
+# float16, so results are held to the float16 rows of the tolerance table (the float32 rows apply to the SIMT
+# kernel, which runs whenever TF32 is off: the default).
+
+
+@pytest.mark.parametrize("S, D", [(17, 33), (97, 64), (70, 48), (1, 1)])
+def test_tf32_spatial_forward_matches_reference(S, D, allow_tf32):
+    allow_tf32(True)
+    q, k, v = (torch.randn(2, 1, S, 3, D) for _ in range(3))
+    before = _launches()
+    out, lse = _spatial_fwd(q, k, v)
+    assert _launches() == before + 1, "float32 with TF32 allowed must run the tensor-core kernel"
+    ref_out, ref_lse = _spatial_ref(q, k, v)
+    assert out.dtype == torch.float32
+    assert_close(out, ref_out, torch.float16, "fwd", f"tf32 spatial S={S} D={D} out")
+    assert_close(lse, ref_lse, torch.float16, "fwd", f"tf32 spatial S={S} D={D} lse")
+
+
+def test_tf32_larger_head_dims_stay_on_simt(monkeypatch, allow_tf32):
+    allow_tf32(True)
+    q = torch.randn(1, 1, 9, 1, 65)
+    before = _launches()
+    out, _ = _spatial_fwd(q, q, q)
+    assert _launches() == before
+    assert_close(out, _spatial_ref(q, q, q)[0], torch.float32, "fwd", "float32 D=65 on SIMT")
+    monkeypatch.setenv(KERNEL_ENV, "tensor_core")
+    with pytest.raises(ValueError, match="head dim D = 65 exceeds 64 for float32"):
+        _spatial_fwd(q, q, q)
+
+
+def test_tf32_strided_and_cogvideo_forward(allow_tf32):
+    allow_tf32(True)
+    packed = torch.randn(1, 1, 40, 3, 2, 24)
+    q, k, v = (packed[:, :, :, i, :, :20] for i in range(3))  # strides multiple of 4 floats: cp.async path
+    out, lse = _spatial_fwd(q, k, v)
+    ref_out, ref_lse = _spatial_ref(q, k, v)
+    assert_close(out, ref_out, torch.float16, "fwd", "tf32 strided out")
+    B, H, D, text_len, frames, grid = 2, 1, 33, 5, 3, (4, 6)
+    q, k, v = (torch.randn(B, text_len + frames * 24, H, D) for _ in range(3))
+    pad = torch.ones(B, text_len, dtype=torch.bool)
+    pad[1, 2:] = False
+    before = _launches()
+    out, lse = _cogvideo(q, k, v, pad, text_len, frames, grid, "plus", "window", True, "sequential")
+    assert _launches() == before + 1
+    ref_out, ref_lse = cogvideo_attention_ref(q.double(), k.double(), v.double(), pad, text_len, frames, grid[0],
+                                              grid[1], "plus", "window", 2, True, "sequential")  # fmt: skip
+    assert_close(out, ref_out, torch.float16, "fwd", "tf32 cogvideo out")
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert_close(lse[~empty], ref_lse[~empty], torch.float16, "fwd", "tf32 cogvideo lse")
+
+
 def test_shared_memory_plan_reports_the_tensor_core_forward():
     assert _ext._C.cuda_shared_memory_bytes("attention_tc_fwd", 1, 64) == 2 * 5 * 64 * 64
     assert _ext._C.cuda_shared_memory_bytes("attention_tc_fwd", 1, 65) == 2 * 5 * 64 * 128
     assert _ext._C.cuda_shared_memory_bytes("attention_tc_fwd", 1, 129) == -1
     assert math.isclose(_ext._C.cuda_shared_memory_bytes("attention_tc_fwd", 1, 128) / 1024, 80.0)
+    assert _ext._C.cuda_shared_memory_bytes("attention_tc_fwd_tf32", 1, 64) == 4 * 5 * 64 * 64
+    assert _ext._C.cuda_shared_memory_bytes("attention_tc_fwd_tf32", 1, 65) == -1

@@ -1,4 +1,5 @@
-// Tensor-core FlashAttention-2 forward for spatial_attention and cogvideo_attention (sm_80+, float16 / bfloat16).
+// Tensor-core FlashAttention-2 forward for spatial_attention and cogvideo_attention (sm_80+): float16 / bfloat16
+// with mma.m16n8k16, and float32 through TF32 mma.m16n8k8 when torch allows TF32 matmuls.
 //
 // Math, per problem (spatial: (b, t, h) over the S tokens of frame t; cogvideo: (b, h) over the L tokens, seen as
 // T = 1, S = L), scale s, visible(i, j) = j < S for spatial, the CogVideo rule (dual_channel_visibility.cuh) for
@@ -8,15 +9,19 @@
 //   lse_i = ln(2) * (m_i + log2 l_i)  (= log sum_j exp(s q_i . k_j), the natural-log lse the SIMT kernels write)
 // A row with no visible key: out_i = 0, lse_i = +inf (as the SIMT kernels: P = exp(S - inf) = 0 in the backward).
 //
-// Shapes: q, k, v (B, T, S, H, D) (cogvideo: (B, L, H, D) = T of 1) float16 / bfloat16, any strides with unit
+// Shapes: q, k, v (B, T, S, H, D) (cogvideo: (B, L, H, D) = T of 1) float16 / bfloat16 / float32, any strides with unit
 // head-dim stride, 1 <= D <= 128; out (B, T, S, H, D) contiguous q.dtype; lse (B, T, S, H) float32 contiguous:
 // the SIMT forward's outputs exactly, so either backward consumes them.
 //
 // Tiling. One block = 4 warps = 128 threads owns kBlockM = 64 query rows of one problem (16 per warp: the M of
 // mma.m16n8k16) and streams key tiles of kBlockN = 64 keys. D is padded to kDPad = 64 or 128 (two instantiations
-// per dtype and visibility; padding columns are zero). Shared memory (16-bit, swizzled, flash_tc.cuh):
-//   Q [64][kDPad] + 2 stages x (K [64][kDPad] + V [64][kDPad]) = 2 * 5 * 64 * kDPad bytes: 40 KiB (kDPad 64),
-//   80 KiB (kDPad 128); smem_plan::tc_fwd_bytes.
+// per dtype and visibility; padding columns are zero). Shared memory (input dtype, swizzled, flash_tc.cuh):
+//   Q [64][kDPad] + 2 stages x (K [64][kDPad] + V [64][kDPad]) = e * 5 * 64 * kDPad bytes (e = element bytes):
+//   40 / 80 KiB for fp16 / bf16 (kDPad 64 / 128), 80 KiB for fp32 (kDPad 64 only: at 128 the TF32 instance
+//   needs 255 registers and spills, so float32 with D > 64 stays on SIMT); smem_plan::tc_fwd_bytes.
+// TF32 (fp32 inputs): the same loop with m16n8k8 (k-steps of 8), fragments rounded by cvt.rna.tf32; P reaches
+// its A-fragment layout by quad shuffles and V its B fragments by plain shared loads (flash_tc.cuh). P stays fp32
+// (rounded to TF32 by the mma), so the TF32 path's error is that of TF32 products, about float16's.
 // Per key tile, each warp: S (16 x 64) = Q K^T by 4 * kDPad / 16 ... mma (Q fragments stay in registers for the
 // whole loop), mask, online softmax on the accumulator fragments (a lane holds rows group and group + 8, reduced
 // over the 4 lanes of its quad), P rounded to the input dtype as the A operand of O (16 x kDPad) += P V. The next
@@ -43,6 +48,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "attention_tc_fwd.h"
 #include "dual_channel_visibility.cuh"
@@ -105,6 +111,23 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Fragment registers holding fp32 bits, rounded in place to TF32 (cvt.rna), as mma.m16n8k8.tf32 expects.
+template <int kCount>
+__device__ __forceinline__ void round_to_tf32(uint32_t (&r)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) r[i] = tc::float_to_tf32(__uint_as_float(r[i]));
+}
+
+// acc += A * B: m16n8k8 tf32 for fp32 inputs, m16n8k16 for fp16 / bf16.
+template <typename scalar_t>
+__device__ __forceinline__ void mma(float acc[4], const uint32_t a[4], const uint32_t b[2]) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    tc::mma_m16n8k8_tf32(acc, a, b, acc);
+  } else {
+    flash_tc::mma_accumulate<scalar_t>(acc, a, b);
+  }
+}
+
 template <typename scalar_t, int kDPad, typename Visibility>
 __global__ void __launch_bounds__(kThreads)
     attention_tc_fwd_kernel(const scalar_t* __restrict__ q,  // (B, T, S, H, D), strides q_st
@@ -118,15 +141,16 @@ __global__ void __launch_bounds__(kThreads)
                             Visibility visibility,
                             scalar_t* __restrict__ out,  // (B, T, S, H, D) contiguous
                             float* __restrict__ lse) {   // (B, T, S, H) contiguous
-  using Pair = typename flash_tc::MmaType<scalar_t>::Pair;
-  constexpr int kKSteps = kDPad / 16;     // k-steps of Q K^T (head dim)
+  constexpr bool kTf32 = std::is_same_v<scalar_t, float>;
+  constexpr int kKStep = kTf32 ? 8 : 16;    // k of one mma: m16n8k8 (tf32) or m16n8k16 (fp16 / bf16)
+  constexpr int kKSteps = kDPad / kKStep;   // k-steps of Q K^T (head dim)
   constexpr int kKeyTiles8 = kBlockN / 8;  // n-tiles of S
   constexpr int kDTiles8 = kDPad / 8;      // n-tiles of O
   constexpr int kTileElems = kBlockN * kDPad;
 
   extern __shared__ float smem[];
-  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem);  // [kBlockM][kDPad]
-  scalar_t* kv_tiles = q_tile + kBlockM * kDPad;         // [2 stages][K, V][kBlockN][kDPad]
+  scalar_t* q_tile = reinterpret_cast<scalar_t*>(smem);  // [kBlockM][kDPad] swizzled
+  scalar_t* kv_tiles = q_tile + kBlockM * kDPad;         // [2 stages][K, V][kBlockN][kDPad] swizzled
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int group = lane / 4, quad = lane % 4;
@@ -173,7 +197,10 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // every thread's chunks of Q and of this stage are visible block-wide
     if (!q_in_registers) {
 #pragma unroll
-      for (int kk = 0; kk < kKSteps; ++kk) flash_tc::load_a<kDPad>(q_frag[kk], q_tile, warp * kRowsPerWarp, kk * 16);
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        flash_tc::load_a<kDPad>(q_frag[kk], q_tile, warp * kRowsPerWarp, kk * kKStep);
+        if constexpr (kTf32) round_to_tf32<4>(q_frag[kk]);
+      }
       q_in_registers = true;
     }
     const scalar_t* k_tile = kv_tiles + stage * 2 * kTileElems;
@@ -189,9 +216,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int kk = 0; kk < kKSteps; ++kk) {
         uint32_t kb[4];
-        flash_tc::load_b_nk<kDPad>(kb, k_tile, n * 8, kk * 16);
-        flash_tc::mma_accumulate<scalar_t>(s[n], q_frag[kk], kb);
-        flash_tc::mma_accumulate<scalar_t>(s[n + 1], q_frag[kk], kb + 2);
+        flash_tc::load_b_nk<kDPad>(kb, k_tile, n * 8, kk * kKStep);
+        if constexpr (kTf32) round_to_tf32<4>(kb);
+        mma<scalar_t>(s[n], q_frag[kk], kb);
+        mma<scalar_t>(s[n + 1], q_frag[kk], kb + 2);
       }
     }
 
@@ -234,20 +262,48 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    // O += P V: the accumulator layout of two adjacent 8-key n-tiles is the A fragment of one 16-key k-step.
+    if constexpr (kTf32) {
+      // O += P V with m16n8k8: the A fragment of 8 keys (one n-tile of S) wants P[row][quad] and P[row][quad + 4],
+      // which the accumulator layout keeps in lanes 4 group + quad / 2 and 4 group + 2 + quad / 2 (element
+      // quad % 2): two shuffle sources per register. V's B fragments, V[key = quad (+ 4)][column = group], are
+      // plain shared loads (ldmatrix .trans cannot transpose 32-bit elements).
+      using Sw = flash_tc::SwizzleOf<kDPad, float>;
+      const int src_lo = (lane & ~3) | (quad >> 1), src_hi = src_lo + 2;
+      const bool odd = (quad & 1) != 0;
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t p_frag[4];
-      p_frag[0] = tc::pack_two<Pair>(s[2 * kk][0], s[2 * kk][1]);
-      p_frag[1] = tc::pack_two<Pair>(s[2 * kk][2], s[2 * kk][3]);
-      p_frag[2] = tc::pack_two<Pair>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      p_frag[3] = tc::pack_two<Pair>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int n8 = 0; n8 < kKeyTiles8; ++n8) {
+        float lo[4], hi[4];
 #pragma unroll
-      for (int n = 0; n < kDTiles8; n += 2) {
-        uint32_t vb[4];
-        flash_tc::load_b_kn<kDPad>(vb, v_tile, kk * 16, n * 8);
-        flash_tc::mma_accumulate<scalar_t>(o[n], p_frag, vb);
-        flash_tc::mma_accumulate<scalar_t>(o[n + 1], p_frag, vb + 2);
+        for (int e = 0; e < 4; ++e) {
+          lo[e] = __shfl_sync(0xffffffffu, s[n8][e], src_lo);
+          hi[e] = __shfl_sync(0xffffffffu, s[n8][e], src_hi);
+        }
+        uint32_t p_frag[4] = {tc::float_to_tf32(odd ? lo[1] : lo[0]), tc::float_to_tf32(odd ? lo[3] : lo[2]),
+                              tc::float_to_tf32(odd ? hi[1] : hi[0]), tc::float_to_tf32(odd ? hi[3] : hi[2])};
+#pragma unroll
+        for (int n = 0; n < kDTiles8; ++n) {
+          const uint32_t vb[2] = {tc::float_to_tf32(v_tile[Sw::offset(n8 * 8 + quad, n * 8 + group)]),
+                                  tc::float_to_tf32(v_tile[Sw::offset(n8 * 8 + quad + 4, n * 8 + group)])};
+          mma<scalar_t>(o[n], p_frag, vb);
+        }
+      }
+    } else {
+      using Pair = typename flash_tc::MmaType<scalar_t>::Pair;
+      // O += P V: the accumulator layout of two adjacent 8-key n-tiles is the A fragment of one 16-key k-step.
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t p_frag[4];
+        p_frag[0] = tc::pack_two<Pair>(s[2 * kk][0], s[2 * kk][1]);
+        p_frag[1] = tc::pack_two<Pair>(s[2 * kk][2], s[2 * kk][3]);
+        p_frag[2] = tc::pack_two<Pair>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p_frag[3] = tc::pack_two<Pair>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+        for (int n = 0; n < kDTiles8; n += 2) {
+          uint32_t vb[4];
+          flash_tc::load_b_kn<kDPad>(vb, v_tile, kk * 16, n * 8);
+          mma<scalar_t>(o[n], p_frag, vb);
+          mma<scalar_t>(o[n + 1], p_frag, vb + 2);
+        }
       }
     }
     __syncthreads();  // the block is done with this stage before the next iteration refills it
@@ -281,12 +337,14 @@ std::atomic<int64_t> g_forward_launches{0};
 
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  if (dtype == at::kHalf) {
+  if (dtype == at::kFloat) {
+    fn(float{});
+  } else if (dtype == at::kHalf) {
     fn(c10::Half{});
   } else if (dtype == at::kBFloat16) {
     fn(c10::BFloat16{});
   } else {
-    TORCH_CHECK_VALUE(false, "tensor-core attention: dtype must be float16 or bfloat16, got ", dtype);
+    TORCH_CHECK_VALUE(false, "tensor-core attention: dtype must be float32, float16 or bfloat16, got ", dtype);
   }
 }
 
@@ -318,18 +376,23 @@ void launch_forward(const char* op, const at::Tensor& q, const at::Tensor& k, co
     using scalar_t = decltype(dtype_tag);
     dispatch_padded_head_dim(D, [&](auto padded) {
       constexpr int kDPad = decltype(padded)::value;
-      constexpr int64_t kSmemBytes = smem_plan::tc_fwd_bytes_of_padded(kDPad);
-      // The kernel's carve-up of smem: Q [kBlockM][kDPad] + 2 stages x (K, V) [kBlockN][kDPad] 16-bit elements.
-      static_assert(kSmemBytes == int64_t(sizeof(scalar_t)) * (kBlockM + 2 * 2 * kBlockN) * kDPad,
-                    "shared_memory_plan.h must match the tensor-core forward's tiles");
-      auto kernel = attention_tc_fwd_kernel<scalar_t, kDPad, Visibility>;
-      cuda_smem::prepare_launch(op, kernel, kSmemBytes, kSmemBytes, "the tensor-core attention forward kernel");
-      TORCHNOVA_LAUNCH_KERNEL(blocks, kThreads, kSmemBytes, stream, kernel)(
-          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), q_st, k_st,
-          v_st, async_loads, scale_log2, T, S, H, D, query_blocks, visibility, out.mutable_data_ptr<scalar_t>(),
-          lse.mutable_data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      g_forward_launches.fetch_add(1, std::memory_order_relaxed);
+      if constexpr (std::is_same_v<scalar_t, float> && kDPad > smem_plan::kTcTf32MaxHeadDim) {
+        TORCH_CHECK(false, op, ": the TF32 kernel takes D <= ", smem_plan::kTcTf32MaxHeadDim,
+                    " (use_tensor_core_forward routes larger float32 head dims to the SIMT kernel)");
+      } else {
+        constexpr int64_t kSmemBytes = smem_plan::tc_fwd_bytes_of_padded(kDPad, sizeof(scalar_t));
+        // The kernel's carve-up of smem: Q [kBlockM][kDPad] + 2 stages x (K, V) [kBlockN][kDPad] elements.
+        static_assert(kSmemBytes == int64_t(sizeof(scalar_t)) * (kBlockM + 2 * 2 * kBlockN) * kDPad,
+                      "shared_memory_plan.h must match the tensor-core forward's tiles");
+        auto kernel = attention_tc_fwd_kernel<scalar_t, kDPad, Visibility>;
+        cuda_smem::prepare_launch(op, kernel, kSmemBytes, kSmemBytes, "the tensor-core attention forward kernel");
+        TORCHNOVA_LAUNCH_KERNEL(blocks, kThreads, kSmemBytes, stream, kernel)(
+            q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), q_st, k_st,
+            v_st, async_loads, scale_log2, T, S, H, D, query_blocks, visibility, out.mutable_data_ptr<scalar_t>(),
+            lse.mutable_data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        g_forward_launches.fetch_add(1, std::memory_order_relaxed);
+      }
     });
   });
 }
@@ -354,17 +417,23 @@ bool use_tensor_core_forward(const char* op, const at::Tensor& q, int64_t head_d
   std::string why;
   const auto dtype = q.scalar_type();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  if (dtype != at::kHalf && dtype != at::kBFloat16) {
-    why = std::string("dtype is ") + c10::toString(dtype) +
-          " (the tensor-core kernel takes float16 or bfloat16; float32 runs on the SIMT kernel)";
+  const int element_bytes = static_cast<int>(q.element_size());
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) {
+    why = std::string("dtype is ") + c10::toString(dtype);
+  } else if (dtype == at::kFloat && !at::globalContext().allowTF32CuBLAS()) {
+    why = "dtype is Float and TF32 matmuls are off (torch.backends.cuda.matmul.allow_tf32 = False, or "
+          "torch.set_float32_matmul_precision(\"highest\")): float32 runs on the SIMT kernel";
+  } else if (dtype == at::kFloat && head_dim > smem_plan::kTcTf32MaxHeadDim) {
+    why = "head dim D = " + std::to_string(head_dim) + " exceeds " + std::to_string(smem_plan::kTcTf32MaxHeadDim) +
+          " for float32 (the TF32 kernel at D = 128 would spill registers)";
   } else if (head_dim > kMaxHeadDim) {
     why = "head dim D = " + std::to_string(head_dim) + " exceeds " + std::to_string(kMaxHeadDim);
   } else if (props->major < 8) {
     why = "compute capability " + std::to_string(props->major) + "." + std::to_string(props->minor) +
           " is below 8.0 (mma.sync m16n8k16, ldmatrix and cp.async need sm_80)";
-  } else if (smem_plan::tc_fwd_bytes(static_cast<int>(head_dim)) >
+  } else if (smem_plan::tc_fwd_bytes(static_cast<int>(head_dim), element_bytes) >
              static_cast<int64_t>(props->sharedMemPerBlockOptin)) {
-    why = "it needs " + std::to_string(smem_plan::tc_fwd_bytes(static_cast<int>(head_dim))) +
+    why = "it needs " + std::to_string(smem_plan::tc_fwd_bytes(static_cast<int>(head_dim), element_bytes)) +
           " bytes of shared memory per block, the device allows " + std::to_string(props->sharedMemPerBlockOptin);
   }
   if (choice == KernelChoice::kTensorCore) {

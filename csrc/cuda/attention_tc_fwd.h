@@ -23,9 +23,10 @@ enum class KernelChoice { kAuto, kTensorCore, kSimt };
 KernelChoice kernel_choice_from_env();
 
 // Whether the forward of `op` on q (spatial (B, T, S, H, D) or cogvideo (B, L, H, D)) runs on the tensor-core
-// kernel: auto picks it for float16 / bfloat16, D <= 128 (kMaxHeadDim), compute capability >= 8.0 and a shared
-// memory need within the device's opt-in limit; simt never; tensor_core requires it and raises a ValueError
-// naming the reason when q is not eligible.
+// kernel: auto picks it for float16 / bfloat16 (and float32 when at::globalContext().allowTF32CuBLAS(), i.e.
+// torch.backends.cuda.matmul.allow_tf32 or a float32 matmul precision below "highest": TF32, D <= 64), D <= 128
+// (kMaxHeadDim), compute capability >= 8.0 and a shared memory need within the device's opt-in limit; simt
+// never; tensor_core requires it and raises a ValueError naming the reason when q is not eligible.
 bool use_tensor_core_forward(const char* op, const at::Tensor& q, int64_t head_dim);
 
 constexpr int kMaxHeadDim = smem_plan::kTcMaxHeadDim;

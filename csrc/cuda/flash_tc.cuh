@@ -37,6 +37,11 @@
 //                    k0 .. k0 + 15: b[0..1] = fragment of n-tile n0, b[2..3] = of n0 + 8 (ldmatrix, no .trans).
 //   load_b_kn:       B for X * Y where the tile holds Y as [k][n] (V for P V): k0 .. k0 + 15, n-tiles n0, n0 + 8:
 //                    b[0..1] = fragment of n-tile n0, b[2..3] = of n0 + 8 (ldmatrix .trans).
+// fp32 tiles (the TF32 m16n8k8 path): a 16-byte ldmatrix row is 4 floats and each lane receives one 32-bit element
+// per matrix (M_j[lane / 4][lane % 4]), which is the m16n8k8 tf32 layout: load_a then yields the A fragment of
+// the 16 x 8 block at (row0, k0) (matrices at k0 and k0 + 4) and load_b_nk the B fragments over k0 .. k0 + 7 of
+// n-tiles n0 and n0 + 8; the caller rounds them with tc::float_to_tf32. load_b_kn has no fp32 form (.trans
+// moves 16-bit halves): the TF32 kernel reads V's fragments with plain shared loads.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -52,22 +57,28 @@ namespace flash_tc {
 constexpr int kChunkBytes = 16;
 constexpr int kChunkElements = 8;  // 16-bit elements per 16-byte chunk
 
-template <int kCols>
+// kElementBytes = 2 (fp16 / bf16, the tiles described above) or 4 (fp32 tiles of the TF32 path: 4 elements per
+// chunk, kChunks = kCols / 4 >= 16, so the kChunks >= 8 case of the proof applies unchanged).
+template <int kCols, int kElementBytes = 2>
 struct Swizzle {
   static_assert(kCols == 32 || kCols == 64 || kCols == 128, "swizzled tiles are 32, 64 or 128 columns wide");
-  static constexpr int kChunks = kCols / kChunkElements;
+  static_assert(kElementBytes == 2 || kElementBytes == 4, "tiles hold 16-bit or 32-bit elements");
+  static constexpr int kElementsPerChunk = kChunkBytes / kElementBytes;
+  static constexpr int kChunks = kCols / kElementsPerChunk;
   static constexpr int kRowsPerLine = kChunks >= 8 ? 1 : 8 / kChunks;
   static constexpr int kSwizzleWidth = kChunks >= 8 ? 8 : kChunks;
 
   // Element offset of logical chunk `chunk` of row `row`.
   __device__ __forceinline__ static int chunk_offset(int row, int chunk) {
-    return row * kCols + ((chunk ^ ((row / kRowsPerLine) % kSwizzleWidth)) * kChunkElements);
+    return row * kCols + ((chunk ^ ((row / kRowsPerLine) % kSwizzleWidth)) * kElementsPerChunk);
   }
   // Element offset of element (row, col).
   __device__ __forceinline__ static int offset(int row, int col) {
-    return chunk_offset(row, col / kChunkElements) + col % kChunkElements;
+    return chunk_offset(row, col / kElementsPerChunk) + col % kElementsPerChunk;
   }
 };
+template <int kCols, typename scalar_t>
+using SwizzleOf = Swizzle<kCols, int(sizeof(scalar_t))>;
 
 // The mma.sync flavour and the packed pair type of a 16-bit element type.
 template <typename scalar_t>
@@ -96,17 +107,17 @@ __device__ __forceinline__ void mma_accumulate(float acc[4], const uint32_t a[4]
 // Rows [row0, row0 + kRows) of a (seq_len x head_dim) matrix, element (s, d) at base[s * row_stride + d], into a
 // swizzled [kRows x kCols] tile by cp.async (one 16-byte chunk per call, zero-filled past seq_len / head_dim).
 // All kThreads threads of the block call it; the caller commits the group and waits before reading the tile.
-// Requires: base 16-byte aligned and row_stride % 8 == 0 (so every chunk start is 16-byte aligned).
+// Requires: base 16-byte aligned and row_stride a whole number of 16-byte chunks (8 16-bit or 4 fp32 elements),
+// so every chunk start is 16-byte aligned.
 template <int kRows, int kCols, int kThreads, typename scalar_t>
 __device__ __forceinline__ void load_tile_async(scalar_t* __restrict__ tile,        // [kRows][kCols] swizzled
                                                 const scalar_t* __restrict__ base,  // row 0 of the matrix
                                                 int64_t row_stride, int64_t row0, int64_t seq_len, int head_dim) {
-  static_assert(sizeof(scalar_t) == 2, "tensor-core tiles hold 16-bit elements");
-  using Sw = Swizzle<kCols>;
+  using Sw = SwizzleOf<kCols, scalar_t>;
   for (int index = threadIdx.x; index < kRows * Sw::kChunks; index += kThreads) {
     const int r = index / Sw::kChunks, chunk = index % Sw::kChunks;
     const int64_t row = row0 + r;
-    const int col = chunk * kChunkElements;
+    const int col = chunk * Sw::kElementsPerChunk;
     const int real = row < seq_len ? (head_dim - col) * int(sizeof(scalar_t)) : 0;  // bytes of data in the chunk
     const int src_bytes = real <= 0 ? 0 : (real < kChunkBytes ? real : kChunkBytes);
     // With src_bytes == 0 nothing is read, but the address must still be valid: the matrix's first element.
@@ -121,7 +132,7 @@ template <int kRows, int kCols, int kThreads, typename scalar_t>
 __device__ __forceinline__ void load_tile_plain(scalar_t* __restrict__ tile,        // [kRows][kCols] swizzled
                                                 const scalar_t* __restrict__ base,  // row 0 of the matrix
                                                 int64_t row_stride, int64_t row0, int64_t seq_len, int head_dim) {
-  using Sw = Swizzle<kCols>;
+  using Sw = SwizzleOf<kCols, scalar_t>;
   for (int index = threadIdx.x; index < kRows * kCols; index += kThreads) {
     const int r = index / kCols, col = index % kCols;
     const int64_t row = row0 + r;
@@ -146,8 +157,8 @@ template <int kCols, typename scalar_t>
 __device__ __forceinline__ void load_a(uint32_t a[4], const scalar_t* tile, int row0, int k0) {
   const int lane = threadIdx.x % 32, matrix = lane / 8, row_in_matrix = lane % 8;
   const int row = row0 + row_in_matrix + 8 * (matrix & 1);
-  const int chunk = k0 / kChunkElements + (matrix >> 1);
-  tc::ldmatrix<4, false>(a, tile + Swizzle<kCols>::chunk_offset(row, chunk));
+  const int chunk = k0 / SwizzleOf<kCols, scalar_t>::kElementsPerChunk + (matrix >> 1);
+  tc::ldmatrix<4, false>(a, tile + SwizzleOf<kCols, scalar_t>::chunk_offset(row, chunk));
 }
 
 // B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]) over k0 .. k0 + 15, for X * Y^T with Y stored as a
@@ -156,8 +167,8 @@ template <int kCols, typename scalar_t>
 __device__ __forceinline__ void load_b_nk(uint32_t b[4], const scalar_t* tile, int n0, int k0) {
   const int lane = threadIdx.x % 32, matrix = lane / 8, row_in_matrix = lane % 8;
   const int row = n0 + row_in_matrix + 8 * (matrix >> 1);
-  const int chunk = k0 / kChunkElements + (matrix & 1);
-  tc::ldmatrix<4, false>(b, tile + Swizzle<kCols>::chunk_offset(row, chunk));
+  const int chunk = k0 / SwizzleOf<kCols, scalar_t>::kElementsPerChunk + (matrix & 1);
+  tc::ldmatrix<4, false>(b, tile + SwizzleOf<kCols, scalar_t>::chunk_offset(row, chunk));
 }
 
 // B fragments of n-tiles n0 and n0 + 8 (b[0..1], b[2..3]) over k0 .. k0 + 15, for X * Y with Y stored as a
@@ -166,17 +177,19 @@ template <int kCols, typename scalar_t>
 __device__ __forceinline__ void load_b_kn(uint32_t b[4], const scalar_t* tile, int k0, int n0) {
   const int lane = threadIdx.x % 32, matrix = lane / 8, row_in_matrix = lane % 8;
   const int row = k0 + row_in_matrix + 8 * (matrix & 1);
+  static_assert(sizeof(scalar_t) == 2, "ldmatrix .trans moves 16-bit elements: fp32 tiles are read plainly");
   const int chunk = n0 / kChunkElements + (matrix >> 1);
   tc::ldmatrix<4, true>(b, tile + Swizzle<kCols>::chunk_offset(row, chunk));
 }
 
-// Host side: whether a (.., D) 16-bit tensor can use load_tile_async: data pointer 16-byte aligned and every
-// stride over a dim of size > 1 (except the unit head-dim stride) a multiple of 8 elements.
+// Host side: whether a (.., D) tensor can use load_tile_async: data pointer 16-byte aligned and every stride over
+// a dim of size > 1 (except the unit head-dim stride) a whole number of 16-byte chunks.
 template <typename Tensor>
 inline bool can_load_async(const Tensor& x) {
   if (reinterpret_cast<uintptr_t>(x.const_data_ptr()) % kChunkBytes != 0) return false;
+  const int64_t elements_per_chunk = kChunkBytes / x.element_size();
   for (int64_t dim = 0; dim + 1 < x.dim(); ++dim) {
-    if (x.size(dim) > 1 && x.stride(dim) % kChunkElements != 0) return false;
+    if (x.size(dim) > 1 && x.stride(dim) % elements_per_chunk != 0) return false;
   }
   return true;
 }

@@ -3,8 +3,8 @@
 // One header for the launchers (csrc/cuda/*.cu, which size their launches with these functions) and for
 // torchnova._C.cuda_shared_memory_bytes (csrc/torchnova.cpp), which the Python backend reasons compare with the
 // device's sharedMemPerBlockOptin before picking the cuda backend: the numbers cannot drift apart. Plain C++ (no
-// CUDA headers), so a CPU-only build exports the same numbers. Every tile is float32 whatever the input dtype,
-// so no size depends on the dtype.
+// CUDA headers), so a CPU-only build exports the same numbers. Every SIMT tile is float32 whatever the input
+// dtype, so no SIMT size depends on the dtype; the tensor-core tiles keep the input's element size.
 //
 //   kernel         size (bytes) of the smallest launch the launcher makes
 //   temporal_fwd   one warp: 4 * (T * (T | 1) + 2 * T * 33)           (1 <= T <= 128; up to 4 warps per block)
@@ -18,6 +18,7 @@
 //   tc_bwd_dq      2 * (2 * 64 + 4 * R) * P               P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
 //   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
 //                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
+//   attention_tc_fwd_tf32  4 * (64 + 2 * 2 * 64) * 64: the same with fp32 tiles (fp32 inputs, TF32 mma), D <= 64
 // The temporal launchers then put as many warps in a block (at most 4) as the device's limit allows.
 // The rotary temporal launches (temporal_attention_rotary_*) request the same bytes: q and k are rotated in
 // registers as their tiles load, and the backward's transpose rotation takes the partner column by a shuffle.
@@ -114,12 +115,15 @@ constexpr int kTcFwdWarps = 4;
 constexpr int kTcFwdBlockM = 64;  // query rows per block: 4 warps x 16
 constexpr int kTcFwdBlockN = 64;  // keys per streamed tile
 constexpr int kTcMaxHeadDim = 128;
-constexpr int64_t kTcElementBytes = 2;
+constexpr int kTcTf32MaxHeadDim = 64;  // fp32 (TF32) at P = 128 would spill registers (ptxas: 255 + spills)
 constexpr int tc_fwd_padded_head_dim(int D) { return D <= 64 ? 64 : 128; }
-constexpr int64_t tc_fwd_bytes_of_padded(int padded) {
-  return kTcElementBytes * (kTcFwdBlockM + 2 * 2 * kTcFwdBlockN) * int64_t(padded);
+// element_bytes: 2 (fp16 / bf16) or 4 (fp32 inputs on the TF32 path, tiles kept in fp32).
+constexpr int64_t tc_fwd_bytes_of_padded(int padded, int element_bytes = 2) {
+  return int64_t(element_bytes) * (kTcFwdBlockM + 2 * 2 * kTcFwdBlockN) * int64_t(padded);
 }
-constexpr int64_t tc_fwd_bytes(int D) { return tc_fwd_bytes_of_padded(tc_fwd_padded_head_dim(D)); }
+constexpr int64_t tc_fwd_bytes(int D, int element_bytes = 2) {
+  return tc_fwd_bytes_of_padded(tc_fwd_padded_head_dim(D), element_bytes);
+}
 
 // Bytes of the smallest launch of `kernel` (names in the table above) at frames T and head dim D; -1 for an
 // unknown kernel name or a shape outside the kernel's limits.
@@ -142,6 +146,7 @@ inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
     return kernel == "tc_bwd_dkdv" ? tc_bwd_dkdv_bytes_of_padded(padded) : tc_bwd_dq_bytes_of_padded(padded);
   }
   if (kernel == "attention_tc_fwd") return d <= kTcMaxHeadDim ? tc_fwd_bytes(d) : -1;
+  if (kernel == "attention_tc_fwd_tf32") return d <= kTcTf32MaxHeadDim ? tc_fwd_bytes(d, 4) : -1;
   return -1;
 }
 
