@@ -46,6 +46,7 @@
 #include <string>
 #include <tuple>
 
+#include "attention_tc_bwd.h"
 #include "attention_tc_fwd.h"
 #include "dual_channel_visibility.cuh"
 #include "dynamic_smem.cuh"
@@ -716,6 +717,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const bool* pad = text_pad_mask.has_value() ? text_pad_mask->const_data_ptr<bool>() : nullptr;
   const bool vectorized = can_vectorize({&q, &k, &v, &go});
+  // float16 / bfloat16 with D <= 128 on sm_80+: the tensor-core dq / dk / dv kernels (attention_tc_bwd.cu) after
+  // the same delta kernel, with the CogVideo rule as their visibility policy; TORCHNOVA_CUDA_ATTENTION_KERNEL
+  // overrides.
+  const bool tensor_cores = attention_tc::use_tensor_core_backward(op, q);
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_dtype(q.scalar_type(), [&](auto dtype_tag) {
@@ -730,6 +735,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cogvideo_attention_bwd_cuda(
           go.const_data_ptr<scalar_t>(), out_c.const_data_ptr<scalar_t>(), strides_of(go), args.shape,
           delta.mutable_data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (tensor_cores) {
+        // (B, L, H, D) as (B, 1, L, H, D): the spatial addressing with one frame.
+        const attention_tc::CogVideoVisibility visibility{args.layout, pad, args.shape};
+        at::Tensor dq5 = dq.unsqueeze(1), dk5 = dk.unsqueeze(1), dv5 = dv.unsqueeze(1);
+        attention_tc::attention_bwd(op, go.unsqueeze(1), q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
+                                    lse_c.unsqueeze(1), delta.unsqueeze(1), args.shape.scale, &visibility, dq5, dk5,
+                                    dv5);
+        return;
+      }
       dispatch_head_dim(args.shape.head_dim, [&](auto bucket) {
         constexpr int kHeadDimMax = decltype(bucket)::value;
         using T = Tiling<kHeadDimMax>;

@@ -14,6 +14,8 @@
 //   spatial_dq     4 * (2 * BQ + 2 * 32) * (D | 1),   BQ = 4 warps * (8 rows for D <= 128, else 4)
 //   cogvideo_fwd   Tiling<bucket(D)>::kFwdSmemBytes (csrc/cuda/dual_channel_attention.cu), bucket 64 / 128 / 256
 //   cogvideo_bwd   Tiling<bucket(D)>::kBwdSmemBytes
+//   tc_bwd_dkdv    2 * (2 * 64 + 4 * R) * P + 4 * 4 * R   (tensor-core backward, attention_tc_bwd.cu; D <= 128)
+//   tc_bwd_dq      2 * (2 * 64 + 4 * R) * P               P = padded D 32 / 64 / 128, R = 64 (P <= 64) or 32
 //   attention_tc_fwd  2 * (64 + 2 * 2 * 64) * P,  P = 64 for D <= 64, else 128 (D <= 128 only): 16-bit Q tile and
 //                  double-buffered K, V tiles of the tensor-core forward (attention_tc_fwd.cu), spatial and cogvideo
 //   attention_tc_fwd_tf32  4 * (64 + 2 * 2 * 64) * 64: the same with fp32 tiles (fp32 inputs, TF32 mma), D <= 64
@@ -86,6 +88,27 @@ constexpr int64_t dual_bwd_bytes_of_bucket(int bucket) {
   return kFloatBytes * (4 * dual_tile_floats(bucket) + dual_score_floats(bucket) + 2 * dual_block(bucket));
 }
 
+// ----- Tensor-core backward (attention_tc_bwd.cu), spatial and CogVideo alike: swizzled 16-bit tiles of P columns
+// (flash_tc.cuh; P = D padded to 32 / 64 / 128). A block owns 64 rows (4 warps x 16) of two tensors and streams
+// R rows of two others through two stages (R = 64, or 32 for P = 128 to bound the registers); the dK/dV kernel
+// also keeps lse and delta of the streamed queries (two stages).
+constexpr int kTcBwdMaxHeadDim = 128;
+constexpr int kTcBwdOwnRows = 64;
+constexpr int kTcBwdElementBytes = 2;
+constexpr int tc_bwd_padded_dim(int D) { return D <= 32 ? 32 : (D <= 64 ? 64 : 128); }
+constexpr int tc_bwd_stream_rows(int padded) { return padded <= 64 ? 64 : 32; }
+constexpr int64_t tc_bwd_tiles_bytes(int padded) {
+  const int rows = 2 * kTcBwdOwnRows + 2 * 2 * tc_bwd_stream_rows(padded);  // 2 own tensors, 2 streamed x 2 stages
+  return int64_t(kTcBwdElementBytes) * rows * padded;
+}
+constexpr int64_t tc_bwd_dkdv_bytes_of_padded(int padded) {
+  return tc_bwd_tiles_bytes(padded) + kFloatBytes * 2 * 2 * tc_bwd_stream_rows(padded);
+}
+constexpr int64_t tc_bwd_dq_bytes_of_padded(int padded) { return tc_bwd_tiles_bytes(padded); }
+constexpr int64_t tc_bwd_max_bytes(int D) {  // the larger of the two kernels' launches
+  return tc_bwd_dkdv_bytes_of_padded(tc_bwd_padded_dim(D));
+}
+
 // ----- Tensor-core attention forward (attention_tc_fwd.cu), float16 / bfloat16 only: a [64][P] Q tile and two
 // stages of [64][P] K and V tiles, 16-bit elements, P = the padded head dim 64 or 128.
 constexpr int kTcFwdWarps = 4;
@@ -117,6 +140,11 @@ inline int64_t launch_bytes(std::string_view kernel, int64_t T, int64_t D) {
   if (kernel == "spatial_dq") return spatial_dq_bytes(d);
   if (kernel == "cogvideo_fwd") return dual_fwd_bytes_of_bucket(dual_head_dim_bucket(d));
   if (kernel == "cogvideo_bwd") return dual_bwd_bytes_of_bucket(dual_head_dim_bucket(d));
+  if (kernel == "tc_bwd_dkdv" || kernel == "tc_bwd_dq") {
+    if (d > kTcBwdMaxHeadDim) return -1;
+    const int padded = tc_bwd_padded_dim(d);
+    return kernel == "tc_bwd_dkdv" ? tc_bwd_dkdv_bytes_of_padded(padded) : tc_bwd_dq_bytes_of_padded(padded);
+  }
   if (kernel == "attention_tc_fwd") return d <= kTcMaxHeadDim ? tc_fwd_bytes(d) : -1;
   if (kernel == "attention_tc_fwd_tf32") return d <= kTcTf32MaxHeadDim ? tc_fwd_bytes(d, 4) : -1;
   return -1;

@@ -41,6 +41,7 @@
 #include <limits>
 #include <tuple>
 
+#include "attention_tc_bwd.h"
 #include "attention_tc_fwd.h"
 #include "spacetime_common.cuh"
 
@@ -490,6 +491,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
   if (dq.numel() == 0) return {dq, dk, dv};
 
   const int64_t rows = B * T * S * H, problems = B * T * H;
+  // float16 / bfloat16 with D <= 128 on sm_80+: the tensor-core dq / dk / dv kernels (attention_tc_bwd.cu) after
+  // the same delta kernel; TORCHNOVA_CUDA_ATTENTION_KERNEL overrides.
+  const bool tensor_cores = attention_tc::use_tensor_core_backward(op, q);
   at::Tensor delta = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   TORCHNOVA_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "spatial_attention_bwd_cuda", [&] {
@@ -498,6 +502,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_attention_bwd_cuda(const 
         grad_out_u.const_data_ptr<scalar_t>(), out_u.const_data_ptr<scalar_t>(), token_strides(grad_out_u),
         token_strides(out_u), T, S, H, D, rows, delta.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (tensor_cores) {
+      attention_tc::attention_bwd(op, grad_out_u, q, k, v, lse_c, delta, scale, nullptr, dq, dk, dv);
+      return;
+    }
 
     dispatch_head_dim(D, [&](auto d_max) {
       constexpr int kDMax = decltype(d_max)::value;

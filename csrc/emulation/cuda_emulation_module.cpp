@@ -29,11 +29,13 @@ void bind(pybind11::module& module);
 }
 }  // namespace torchnova_emu
 
-// Launches of the tensor-core attention forward kernel (csrc/cuda/attention_tc_fwd.h; the header itself needs the
-// kernel-side includes, so only this declaration is repeated here).
+// Launches of the tensor-core attention forward kernel and backward kernel pair (csrc/cuda/attention_tc_fwd.h,
+// attention_tc_bwd.h; the headers themselves need the kernel-side includes, so only these declarations are
+// repeated here).
 namespace torchnova {
 namespace attention_tc __attribute__((visibility("hidden"))) {
 int64_t forward_launches();
+int64_t backward_launches();
 }  // namespace attention_tc
 }  // namespace torchnova
 
@@ -125,5 +127,7 @@ PYBIND11_MODULE(_C_cuda_emu, module) {
   });
   module.def("tensor_core_forward_launches", &torchnova::attention_tc::forward_launches,
              "Launches of the tensor-core attention forward kernel so far (tests check which kernel ran)");
+  module.def("tensor_core_backward_launches", &torchnova::attention_tc::backward_launches,
+             "Launches of the tensor-core attention backward kernel pair so far (tests check which kernels ran)");
   torchnova_emu::testing::bind(module);
 }

@@ -238,7 +238,8 @@ def cuda_shared_memory_bytes(kernel: str, frames: int = 1, head_dim: int = 1) ->
 
     The numbers come from the compiled extension (csrc/cuda/shared_memory_plan.h, the arithmetic the launchers
     use), so they cannot drift from the kernels. Kernel names: temporal_fwd, temporal_bwd, spatial_fwd,
-    spatial_dkdv, spatial_dq, cogvideo_fwd, cogvideo_bwd. Needs the extension (call after extension_reasons).
+    spatial_dkdv, spatial_dq, cogvideo_fwd, cogvideo_bwd, tc_bwd_dkdv, tc_bwd_dq (the tensor-core backward).
+    Needs the extension (call after extension_reasons).
     """
     from . import _ext
 
@@ -246,6 +247,28 @@ def cuda_shared_memory_bytes(kernel: str, frames: int = 1, head_dim: int = 1) ->
     if need < 0:
         raise ValueError(f"no shared-memory plan for kernel={kernel!r} at frames={frames}, head_dim={head_dim}")
     return need
+
+
+# The CUDA backward of spatial and CogVideo attention runs the tensor-core kernels (csrc/cuda/attention_tc_bwd.cu)
+# for these dtypes up to this head dim (csrc/cuda/attention_tc_bwd.h), the SIMT ones otherwise.
+TENSOR_CORE_BACKWARD_DTYPES = (torch.float16, torch.bfloat16)
+TENSOR_CORE_BACKWARD_MAX_HEAD_DIM = 128
+
+
+def tensor_core_backward_needs(op: str, q) -> dict[str, int]:
+    """{what: bytes per block} of the tensor-core backward kernels for q (its dtype and head dim q.shape[-1]), for
+    shared_memory_reasons; empty where the backward stays SIMT, and off CUDA devices (nothing to compare with)."""
+    head_dim = int(q.shape[-1])
+    if (
+        q.device.type != "cuda"
+        or q.dtype not in TENSOR_CORE_BACKWARD_DTYPES
+        or head_dim > TENSOR_CORE_BACKWARD_MAX_HEAD_DIM
+    ):
+        return {}
+    return {
+        f"the {op} tensor-core {part} backward (D={head_dim})": cuda_shared_memory_bytes(kernel, head_dim=head_dim)
+        for part, kernel in (("dk/dv", "tc_bwd_dkdv"), ("dq", "tc_bwd_dq"))
+    }
 
 
 def shared_memory_reasons(device: torch.device, needs: dict[str, int]) -> list[str]:

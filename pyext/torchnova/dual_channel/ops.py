@@ -53,6 +53,7 @@ def _cuda_reasons(x, head_dim=None, **_):
             f"the cogvideo {part} (D={head_dim})": _backend.cuda_shared_memory_bytes(kernel, head_dim=int(head_dim))
             for part, kernel in (("forward", "cogvideo_fwd"), ("backward", "cogvideo_bwd"))
         }
+        needs.update(_backend.tensor_core_backward_needs("cogvideo", x))
         why += _backend.shared_memory_reasons(x.device, needs)
     return why
 

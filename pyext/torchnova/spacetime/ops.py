@@ -89,6 +89,7 @@ def _cuda_spatial_reasons(q, k=None, v=None, **inputs):
     if _backend.may_need_backward(q, k, v):
         needs[f"the spatial dk/dv backward (D={D})"] = _backend.cuda_shared_memory_bytes("spatial_dkdv", head_dim=D)
         needs[f"the spatial dq backward (D={D})"] = _backend.cuda_shared_memory_bytes("spatial_dq", head_dim=D)
+        needs.update(_backend.tensor_core_backward_needs("spatial", q))
     return _backend.shared_memory_reasons(q.device, needs)
 
 
