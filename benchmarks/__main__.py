@@ -48,6 +48,7 @@ OP_MODULES = {
     "dual_channel": "benchmarks.bench_dual_channel",
     # torchnova.integrations.diffusers (needs diffusers): patched vs diffusers' own SDPA processors
     "diffusers_temporal_attn": "benchmarks.bench_diffusers:temporal_attn_benchmark",
+    "diffusers_spatial_attn": "benchmarks.bench_diffusers:spatial_attn_benchmark",
     "diffusers_motion_module": "benchmarks.bench_diffusers:motion_module_benchmark",
     "diffusers_unet3d": "benchmarks.bench_diffusers:unet3d_benchmark",
     # torchnova.integrations.video_diffusion_pytorch (needs video-diffusion-pytorch)

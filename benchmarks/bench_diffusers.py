@@ -8,6 +8,10 @@ Three benchmarks, each with the providers ``diffusers-sdpa`` (the baseline: the 
 ``diffusers_motion_module``: a whole AnimateDiff motion module (``AnimateDiffTransformer3D``: GroupNorm,
     proj_in, one block of sinusoidal position embedding + two temporal self-attentions + GEGLU feed-forward,
     proj_out, residual) on (batch·frames, C, h, w).
+``diffusers_spatial_attn``: one spatial self-attention module alone (``attn1`` of a ``Transformer2DModel``'s block)
+    on its input (batch·frames, h·w, C), with a third provider ``torchnova-cpp`` on CPU: the patch with
+    ``backend="cpp"``, i.e. torchnova's spatial kernel even where ``auto`` keeps diffusers' SDPA (on CPU above
+    ``CPU_SPATIAL_MAX_TOKENS`` tokens per frame: the measured speed rule of docs/diffusers.md).
 ``diffusers_unet3d``: a small ``UNet3DConditionModel`` (2 levels, 64/128 channels, cross-attention to 8 text
     tokens), all its temporal and spatial self-attentions patched, on (batch, 4, frames, h, w).
 
@@ -16,7 +20,7 @@ batch 2: 65,536 attention problems of 16 frames); a small quick shape on CPU. Mo
 parameter's gradient is computed; grads are dropped before each call). The ``speedup`` column of a
 ``torchnova-patched`` row is diffusers' time / torchnova's in the same run.
 
-Run: ``python -m benchmarks --ops diffusers_temporal_attn,diffusers_motion_module,diffusers_unet3d``
+Run: ``python -m benchmarks --ops diffusers_temporal_attn,diffusers_spatial_attn,diffusers_motion_module,diffusers_unet3d``
 (needs ``pip install torchnova[integrations]``).
 """
 
@@ -71,11 +75,11 @@ def _module_inputs(build, make_tensors):
     return make_inputs
 
 
-def _provider(name: str, patched: bool, call) -> Provider:
+def _provider(name: str, patched: bool, call, backend: str = "auto") -> Provider:
     def make(inputs: Inputs):
         module = copy.deepcopy(inputs["module"]).train()
         if patched:
-            count = _diffusers().patch(module)
+            count = _diffusers().patch(module, backend=backend)
             if count == 0:
                 raise RuntimeError("patch() changed no attention module")
 
@@ -148,6 +152,36 @@ def motion_module_benchmark() -> OpBenchmark:
         providers=_providers(call),
         shapes=[ANIMATEDIFF],
         quick_shapes=[ANIMATEDIFF_QUICK],
+        cuda_dtypes=(torch.float32, torch.bfloat16),
+        modes=("fwd", "fwd_bwd"),
+    )
+
+
+def spatial_attn_benchmark() -> OpBenchmark:
+    def build(shape):  # patch() finds attention modules inside their transformer: patch the 2-D transformer
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        heads = shape["heads"]
+        return Transformer2DModel(num_attention_heads=heads, attention_head_dim=shape["channels"] // heads,
+                                  in_channels=shape["channels"], norm_num_groups=32)  # fmt: skip
+
+    def call(module, inputs):  # ... and time its first block's self-attention alone
+        return module.transformer_blocks[0].attn1(inputs["hidden_states"])
+
+    def tokens(shape, dtype, device):
+        rows = shape["batch"] * shape["frames"]
+        x = torch.randn(rows, shape["height"] * shape["width"], shape["channels"], device=device, dtype=dtype)
+        return {"hidden_states": x}
+
+    forced = _provider("torchnova-cpp", True, call, backend="cpp")
+    cpp = Provider(forced.name, False, forced.make,
+                   lambda inputs: [] if inputs["hidden_states"].device.type == "cpu" else ["cpp: CPU tensors only"])
+    return OpBenchmark(
+        name="diffusers_spatial_attn",
+        make_inputs=_module_inputs(build, tokens),
+        providers=[*_providers(call), cpp],
+        shapes=[ANIMATEDIFF],
+        quick_shapes=[{**ANIMATEDIFF_QUICK, "frames": 8}],
         cuda_dtypes=(torch.float32, torch.bfloat16),
         modes=("fwd", "fwd_bwd"),
     )

@@ -373,6 +373,38 @@ def test_processor_4d_input_and_dropout(dtype):
         assert_close(actual, expected, dtype, "fwd", f"{processor.kind} 4-D with dropout")
 
 
+def test_cpu_spatial_speed_rule(monkeypatch):
+    """backend="auto" on CPU: more than CPU_SPATIAL_MAX_TOKENS tokens per frame keep diffusers' SDPA (exactly its
+    result, no warning); up to it, or with backend="cpp" / TORCHNOVA_BACKEND=cpp, torchnova's kernel runs."""
+    calls = []
+    packed = tn_diffusers.spatial_attention_qkvpacked
+    monkeypatch.setattr(tn_diffusers, "spatial_attention_qkvpacked",
+                        lambda *a, **k: calls.append(1) or packed(*a, **k))  # fmt: skip
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    attn = Attention(query_dim=8, heads=2, dim_head=4)
+    limit = tn_diffusers.CPU_SPATIAL_MAX_TOKENS
+
+    def run(tokens, backend, four_d=False):
+        model = copy.deepcopy(attn)
+        model.set_processor(tn_diffusers.TorchnovaSpatialAttnProcessor(model.processor, backend))
+        x = torch.randn(2, 8, 1, tokens) if four_d else torch.randn(2, tokens, 8)
+        calls.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = model(x)
+        return len(calls), out, copy.deepcopy(attn)(x)
+
+    for four_d in (False, True):
+        used, out, expected = run(limit + 1, "auto", four_d)
+        assert used == 0 and torch.equal(out, expected)
+        used, out, expected = run(limit, "auto", four_d)
+        assert used == 1
+        assert_close(out, expected, torch.float32, "fwd", "at the limit")
+    assert run(limit + 1, "cpp")[0] == 1
+    monkeypatch.setenv(_backend.ENV_VAR, "cpp")
+    assert run(limit + 1, "auto")[0] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fallbacks, errors, imports
 # ---------------------------------------------------------------------------------------------------------

@@ -93,6 +93,29 @@ def test_temporal_matches_reference(backend, device, shape, use_bias, use_segmen
         assert_close(got, want, dtype, "grad", name)
 
 
+@needs_cpp
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_temporal_staged_and_in_place_rows(fused, dtype):
+    """The CPU temporal kernels read float32/float64 frames in place, except where the frame stride is a multiple
+    of 2 KiB (L1 set aliasing: staged copies instead). S * H * D = 512 makes every stride here such a multiple
+    (fused: 3 * 512 elements; contiguous q, k, v and dO: 512), so this runs the staged path that the shapes of
+    test_temporal_matches_reference (in place) do not; every option on, against the float64 reference."""
+    B, T, S, H, D = 2, 5, 2, 8, 32
+    if fused:
+        qkv, (q, k, v) = fused_qkv((B, T, S, H, D), dtype)
+    else:
+        q, k, v = (torch.randn(B, T, S, H, D, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(H, T, T, dtype=dtype, requires_grad=True)
+    segments = segments_for(B, T)
+    out = torchnova.temporal_attention(q, k, v, bias=bias, segment_ids=segments, causal=True, backend="cpp")
+    inputs64 = [x.detach().double().requires_grad_(True) for x in (q, k, v, bias)]
+    expected = temporal_attention_ref(*inputs64[:3], bias=inputs64[3], segment_ids=segments, causal=True)
+    assert_close(out, expected, dtype, "fwd", "out")
+    for name, got, want in zip(["dq", "dk", "dv", "dbias"], grads(out, [q, k, v, bias]), grads(expected, inputs64)):
+        assert_close(got, want, dtype, "grad", name)
+
+
 @pytest.mark.parametrize("backend, device", backend_device_params("spatial_attention"))
 @pytest.mark.parametrize("shape", SPATIAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -38,12 +38,20 @@ each kind after a ``patch`` warns (the result is then exactly diffusers'): an ``
 positional arguments or the deprecated ``scale`` keyword, an input that is neither 3-D nor 4-D, or a q/k norm of
 a kind the processor does not know.
 
+Speed rule (measured; docs/diffusers.md has the figures): on CPU tensors with backend "auto" (and
+``TORCHNOVA_BACKEND`` unset or "auto"), a spatial self-attention over more than ``CPU_SPATIAL_MAX_TOKENS`` = 128
+tokens per frame runs diffusers' own processor, without a warning (a speed choice, same math): there torch's
+SDPA, itself a flash kernel on CPU, was as fast as or faster than the cpp spatial kernel (forward 15-20 % faster
+at 256 and 1,024 tokens, 8 heads x 40, fwd+bwd within 1-12 %), while at 64 tokens (a small UNet's frames) the
+kernel was faster. ``backend="cpp"`` always runs the kernel. Temporal attention always takes torchnova's kernel.
+
 Pinned and tested with diffusers 0.42.1 (``pip install torchnova[integrations]``); diffusers is imported when
 ``patch`` / ``unpatch`` is first called, never by ``import torchnova``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -61,6 +69,10 @@ from ..spacetime.ops import (
 __all__ = ["patch", "unpatch", "TorchnovaTemporalAttnProcessor", "TorchnovaSpatialAttnProcessor"]
 
 PIP_PACKAGE = "diffusers==0.42.1"
+
+# On CPU tensors with backend="auto", a spatial self-attention over more tokens than this keeps diffusers' SDPA:
+# torch's CPU flash kernel measured as fast as or faster than the cpp spatial kernel there (module docstring).
+CPU_SPATIAL_MAX_TOKENS = 128
 
 
 def _diffusers():
@@ -157,6 +169,8 @@ class _TorchnovaAttnProcessor:
         if reason is not None:
             self._warn(reason)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if self._library_is_faster(hidden_states):  # a speed choice, same math: no warning
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -194,6 +208,8 @@ class _TorchnovaAttnProcessor:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
+        if attn.rescale_output_factor == 1.0:  # x / 1.0 is x: skip the pass over the output (and its backward)
+            return hidden_states
         return hidden_states / attn.rescale_output_factor
 
     def _unsupported(self, attn, hidden_states, encoder_hidden_states, attention_mask, args, kwargs) -> str | None:
@@ -211,6 +227,10 @@ class _TorchnovaAttnProcessor:
             if why is not None:
                 return why
         return None
+
+    def _library_is_faster(self, hidden_states) -> bool:
+        """True where diffusers' own attention measured faster than torchnova's, under backend "auto" only."""
+        return False
 
     def _attend(self, query, key, value, scale):  # (N, L, H, D) each -> (N, L, H, D)-shaped output
         raise NotImplementedError
@@ -239,6 +259,17 @@ class TorchnovaSpatialAttnProcessor(_TorchnovaAttnProcessor):
     """Self-attention within a frame: diffusers' (batch·frames, h·w, C) rows as torchnova's (B·F, 1, h·w, H, D)."""
 
     kind = "spatial"
+
+    def _library_is_faster(self, hidden_states) -> bool:
+        """On CPU under backend "auto", frames of more than CPU_SPATIAL_MAX_TOKENS tokens keep diffusers' SDPA."""
+        if hidden_states.device.type != "cpu":
+            return False
+        requested = self.backend if self.backend != "auto" else os.environ.get(_backend.ENV_VAR, "auto") or "auto"
+        if requested != "auto":
+            return False
+        shape = hidden_states.shape  # (N, L, C) or (B, C, h, w)
+        tokens = shape[1] if hidden_states.ndim == 3 else shape[-2] * shape[-1]
+        return tokens > CPU_SPATIAL_MAX_TOKENS
 
     def _attend(self, query, key, value, scale):
         q, k, v = (x.unsqueeze(1) for x in (query, key, value))
