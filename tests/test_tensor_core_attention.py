@@ -1,13 +1,14 @@
-"""The tensor-core (mma.sync m16n8k16, and m16n8k8 TF32 for float32) CUDA attention kernels (csrc/cuda/attention_tc_fwd.cu, flash_tc.cuh),
-executed on the CPU through the CUDA emulation layer (docs/cuda_emulation.md), against the float64 reference:
-out and lse of the forward, float16 and bfloat16 (and float32 through TF32 when torch allows it), head dims through both padded widths (D = 1, 33, 64, 128),
-ragged sequence tails (S = 1, 17, 97, 130), strided and unaligned inputs (the cp.async and the plain-load tile
-paths), odd batch / heads, every CogVideo visibility option (text padding, window, shifted, channels,
-interpolation) including rows that see no key; determinism, agreement with the SIMT kernel, and the kernel
-choice (TORCHNOVA_CUDA_ATTENTION_KERNEL, checked with the emulation module's launch counter).
+"""The tensor-core (mma.sync m16n8k16, and m16n8k8 TF32 for float32) CUDA attention kernels
+(csrc/cuda/attention_tc_fwd.cu, flash_tc.cuh), executed on the CPU through the CUDA emulation layer
+(docs/cuda_emulation.md), against the float64 reference: out and lse of the forward, float16 and bfloat16 (and
+float32 through TF32 when torch allows it), head dims through both padded widths (D = 1, 33, 64, 128), ragged
+sequence tails (S = 1, 17, 97, 130), strided and unaligned inputs (the cp.async and the plain-load tile paths), odd
+batch / heads, every CogVideo visibility option (text padding, window, shifted, channels, interpolation) including
+rows that see no key; determinism, agreement with the SIMT kernel, and the kernel choice
+(TORCHNOVA_CUDA_ATTENTION_KERNEL, checked with the emulation module's launch counter).
 
-Needs the layer (TORCHNOVA_CUDA_EMULATION=1); skipped, with that reason, without it. Shapes are small: every
-thread of an emulated block is a fiber and every mma / ldmatrix a warp rendezvous.
+Needs the layer (TORCHNOVA_CUDA_EMULATION=1); skipped, with that reason, without it. Shapes are small: every thread
+of an emulated block is a fiber and every mma / ldmatrix a warp rendezvous.
 """
 
 from __future__ import annotations

@@ -1,39 +1,38 @@
-// Tensor-core FlashAttention-2 forward for spatial_attention and cogvideo_attention (sm_80+): float16 / bfloat16
-// with mma.m16n8k16, and float32 through TF32 mma.m16n8k8 when torch allows TF32 matmuls.
+// Tensor-core FlashAttention-2 forward for spatial_attention and cogvideo_attention (sm_80+): float16 / bfloat16 with
+// mma.m16n8k16, and float32 through TF32 mma.m16n8k8 when torch allows TF32 matmuls.
 //
-// Math, per problem (spatial: (b, t, h) over the S tokens of frame t; cogvideo: (b, h) over the L tokens, seen as
-// T = 1, S = L), scale s, visible(i, j) = j < S for spatial, the CogVideo rule (dual_channel_visibility.cuh) for
-// cogvideo:
+// Math, per problem (spatial: (b, t, h) over the S tokens of frame t; cogvideo: (b, h) over the L tokens, seen as T =
+// 1, S = L), scale s, visible(i, j) = j < S for spatial, the CogVideo rule (dual_channel_visibility.cuh) for cogvideo:
 //   x_ij = s * log2(e) * q_i . k_j for visible pairs, -inf otherwise     (base-2 scores: exp2 is one MUFU op)
 //   m_i = max_j x_ij,  l_i = sum_j 2^(x_ij - m_i),  out_i = sum_j 2^(x_ij - m_i) v_j / l_i
 //   lse_i = ln(2) * (m_i + log2 l_i)  (= log sum_j exp(s q_i . k_j), the natural-log lse the SIMT kernels write)
 // A row with no visible key: out_i = 0, lse_i = +inf (as the SIMT kernels: P = exp(S - inf) = 0 in the backward).
 //
 // Shapes: q, k, v (B, T, S, H, D) (cogvideo: (B, L, H, D) = T of 1) float16 / bfloat16 / float32, any strides with unit
-// head-dim stride, 1 <= D <= 128; out (B, T, S, H, D) contiguous q.dtype; lse (B, T, S, H) float32 contiguous:
-// the SIMT forward's outputs exactly, so either backward consumes them.
+// head-dim stride, 1 <= D <= 128 (float32: D <= 64); out (B, T, S, H, D) contiguous q.dtype; lse (B, T, S, H) float32
+// contiguous: the SIMT forward's outputs exactly, so either backward consumes them.
 //
 // Tiling. One block = 4 warps = 128 threads owns kBlockM = 64 query rows of one problem (16 per warp: the M of
-// mma.m16n8k16) and streams key tiles of kBlockN = 64 keys. D is padded to kDPad = 64 or 128 (two instantiations
-// per dtype and visibility; padding columns are zero). Shared memory (input dtype, swizzled, flash_tc.cuh):
+// mma.m16n8k16) and streams key tiles of kBlockN = 64 keys. D is padded to kDPad = 64 or 128 (two instantiations per
+// dtype and visibility; padding columns are zero). Shared memory (input dtype, swizzled, flash_tc.cuh):
 //   Q [64][kDPad] + 2 stages x (K [64][kDPad] + V [64][kDPad]) = e * 5 * 64 * kDPad bytes (e = element bytes):
 //   40 / 80 KiB for fp16 / bf16 (kDPad 64 / 128), 80 KiB for fp32 (kDPad 64 only: at 128 the TF32 instance
 //   needs 255 registers and spills, so float32 with D > 64 stays on SIMT); smem_plan::tc_fwd_bytes.
-// TF32 (fp32 inputs): the same loop with m16n8k8 (k-steps of 8), fragments rounded by cvt.rna.tf32; P reaches
-// its A-fragment layout by quad shuffles and V its B fragments by plain shared loads (flash_tc.cuh). P stays fp32
-// (rounded to TF32 by the mma), so the TF32 path's error is that of TF32 products, about float16's.
-// Per key tile, each warp: S (16 x 64) = Q K^T by 4 * kDPad / 16 ... mma (Q fragments stay in registers for the
-// whole loop), mask, online softmax on the accumulator fragments (a lane holds rows group and group + 8, reduced
-// over the 4 lanes of its quad), P rounded to the input dtype as the A operand of O (16 x kDPad) += P V. The next
-// visible K / V tile is in flight (cp.async, double buffered) while the current one is multiplied. Why 64 x 64 and
-// 4 warps: docs/performance.md "Tensor-core kernels" (the arithmetic intensity of a 64-row block is 64 FLOP per
-// loaded K/V byte, above every target's ridge point; 80 KiB lets 2 blocks share an SM of sm_80 / sm_90).
+// TF32 (fp32 inputs): the same loop with m16n8k8 (k-steps of 8), fragments rounded by cvt.rna.tf32; P reaches its
+// A-fragment layout by quad shuffles and V its B fragments by plain shared loads (flash_tc.cuh). P stays fp32 (rounded
+// to TF32 by the mma), so the TF32 path's error is that of TF32 products, about float16's. Per key tile, each warp: S
+// (16 x 64) = Q K^T by 8 n-tiles x kDPad / 16 k-steps of mma (Q fragments stay in registers for the whole loop), mask,
+// online softmax on the accumulator fragments (a lane holds rows group and group + 8, reduced over the 4 lanes of its
+// quad), P rounded to the input dtype as the A operand of O (16 x kDPad) += P V. The next visible K / V tile is in
+// flight (cp.async, double buffered) while the current one is multiplied. Why 64 x 64 and 4 warps: docs/performance.md
+// "Tensor-core kernels" (a 64-row block does 64 FLOP per K/V byte it loads, which come from L2: a problem's K and V
+// stay there across its query blocks, so HBM sees about the op's minimal bytes; 16 rows per warp keep D = 128 at <= 254
+// registers without spills; 80 KiB lets 2 blocks share an sm_80 / sm_90 SM).
 //
-// Visibility policy (template): DenseVisibility (spatial: only j < S), CogVideoVisibility (per-element
-// pair_visible, and key tiles for which tiles_interact is false are skipped: neither loaded nor multiplied).
-// Blocks: grid.x = problems * query_blocks, problem (b, t, h) with h fastest, the query block reversed (the late
-// blocks, which see the most keys under CogVideo's causal rules, start first). Deterministic: fixed order, no
-// atomics.
+// Visibility policy (template): DenseVisibility (spatial: only j < S), CogVideoVisibility (per-element pair_visible,
+// and key tiles for which tiles_interact is false are skipped: neither loaded nor multiplied). Blocks: grid.x =
+// problems * query_blocks, problem (b, t, h) with h fastest, the query block reversed (the late blocks, which see the
+// most keys under CogVideo's causal rules, start first). Deterministic: fixed order, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
