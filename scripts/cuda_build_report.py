@@ -142,6 +142,22 @@ SPILL_ALLOWLIST: dict[tuple[str, str | None, tuple[int, ...] | None], tuple[int,
         "constant: 2 x 8 B per packet, to the thread's own stack line in L1; fp64 is the reference-grade dtype "
         "of this memory-bound kernel, not a speed target",
     ),
+    # The tensor-core backward (attention_tc_bwd.cu; docs/performance.md, "Tensor-core kernels: the backward"):
+    # fp32 accumulators of the padded head dim for the whole loop (dK/dV: 2 x P / 2 floats; dQ: P / 2) plus the
+    # 16 x R products S and dP and the swizzled fragment addresses of four tiles; the CogVideo instances also inline
+    # the visibility rule (integer divisions, block_may_see) in the pipelined loop. Measured with CUDA 13.0 ptxas.
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*DenseVisibility", None): (
+        8, "pad 128: at the 255-register limit (2 x 64 accumulator floats + 2 x 16 of S^T, dP^T)"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", None): (
+        20, "pad 128: at the 255-register limit, plus the visibility rule"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", None): (
+        16, "pad 32 on sm_90: ptxas stops at 168 registers (3 blocks per SM) and parks the addresses it recomputes"),
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),64,.*DenseVisibility", None): (
+        12, "pad 64: ptxas stops at 168 registers (3 blocks per SM)"),
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", None): (
+        248, "pad 32 on sm_80: ptxas settles on 128 registers (4 blocks per SM) and spills 192 B of the visibility "
+        "rule's and the pipeline's state (162 registers, no spill on sm_90; __launch_bounds__(128, 2) is the "
+        "first experiment on a GPU)"),
 }
 
 # -------------------------------------------------------------------------------------------------------------
@@ -554,9 +570,20 @@ def _bucket(own: str, checked: tuple[str, ...], buckets: dict[int, tuple[int, in
     return lambda targs, maxntid, arch, smem: _bucket_launches(targs, maxntid, arch, smem, own, checked, buckets)
 
 
-# The tensor-core kernels (issue 16 part 1, attention_tc_fwd.cu / attention_tc_bwd.cu on the tc-fwd / tc-bwd
-# branches): fp16 / bf16 tiles padded to 64 / 128 (forward) or 32 / 64 / 128 (backward) head dims.
-_TC_BWD_BUCKETS = {32: (1, 32), 64: (33, 64), 128: (65, 128)}
+# Tensor-core backward (attention_tc_bwd.cu): templated on the padded head dim 32 / 64 / 128 (its integer template
+# argument), with one fixed launch size per width (that of D = the width). The kernel choice
+# (use_tensor_core_backward) runs the pair only where both kernels' shared memory fits the device, else the SIMT
+# backward; the pair is never excluded by the reasons, so a width that does not fit is reported as not run.
+_TC_BWD_WIDTHS = {32: (1, 32), 64: (33, 64), 128: (65, 128)}
+
+
+def _tc_bwd(own: str):
+    def plan(targs: str, maxntid: int, arch: Arch, smem: SmemFn):
+        lo, hi = _TC_BWD_WIDTHS[template_ints(targs)[-1]]
+        fits = all(smem(k, 1, hi) <= arch.smem_optin for k in ("tc_bwd_dkdv", "tc_bwd_dq"))
+        return [Launch(f"D={lo}-{hi}", maxntid, smem(own, 1, hi), fits, "" if fits else "the SIMT backward runs instead")]
+
+    return plan
 
 
 # kernel base name -> plan(template args, maxntid, arch, smem_fn) -> launches. Only kernels that use dynamic
@@ -579,9 +606,8 @@ LAUNCH_PLANS = {
     "cogvideo_attention_fwd_kernel": _bucket("cogvideo_fwd", ("cogvideo_fwd", "cogvideo_bwd")),
     "cogvideo_attention_bwd_dkdv_kernel": _bucket("cogvideo_bwd", ("cogvideo_fwd", "cogvideo_bwd")),
     "cogvideo_attention_bwd_dq_kernel": _bucket("cogvideo_bwd", ("cogvideo_fwd", "cogvideo_bwd")),
-    "attention_tc_fwd_kernel": _bucket("attention_tc_fwd", ("attention_tc_fwd",)),
-    "tc_bwd_dkdv_kernel": _bucket("tc_bwd_dkdv", ("attention_tc_fwd", "tc_bwd_dkdv", "tc_bwd_dq"), _TC_BWD_BUCKETS),
-    "tc_bwd_dq_kernel": _bucket("tc_bwd_dq", ("attention_tc_fwd", "tc_bwd_dkdv", "tc_bwd_dq"), _TC_BWD_BUCKETS),
+    "tc_bwd_dkdv_kernel": _tc_bwd("tc_bwd_dkdv"),
+    "tc_bwd_dq_kernel": _tc_bwd("tc_bwd_dq"),
 }
 
 
