@@ -556,10 +556,6 @@ def _bucket(own: str, checked: tuple[str, ...], buckets: dict[int, tuple[int, in
     return lambda targs, maxntid, arch, smem: _bucket_launches(targs, maxntid, arch, smem, own, checked, buckets)
 
 
-# The tensor-core kernels (issue 16 part 1, attention_tc_fwd.cu / attention_tc_bwd.cu on the tc-fwd / tc-bwd
-# branches): fp16 / bf16 tiles padded to 64 / 128 (forward) or 32 / 64 / 128 (backward) head dims.
-_TC_BWD_BUCKETS = {32: (1, 32), 64: (33, 64), 128: (65, 128)}
-
 
 # kernel base name -> plan(template args, maxntid, arch, smem_fn) -> launches. Only kernels that use dynamic
 # shared memory need one; `checked` lists the shared_memory_plan.h kernels whose sizes the op's cuda reasons
@@ -573,9 +569,6 @@ LAUNCH_PLANS = {
     "cogvideo_attention_fwd_kernel": _bucket("cogvideo_fwd", ("cogvideo_fwd", "cogvideo_bwd")),
     "cogvideo_attention_bwd_dkdv_kernel": _bucket("cogvideo_bwd", ("cogvideo_fwd", "cogvideo_bwd")),
     "cogvideo_attention_bwd_dq_kernel": _bucket("cogvideo_bwd", ("cogvideo_fwd", "cogvideo_bwd")),
-    "attention_tc_fwd_kernel": _bucket("attention_tc_fwd", ("attention_tc_fwd",)),
-    "tc_bwd_dkdv_kernel": _bucket("tc_bwd_dkdv", ("attention_tc_fwd", "tc_bwd_dkdv", "tc_bwd_dq"), _TC_BWD_BUCKETS),
-    "tc_bwd_dq_kernel": _bucket("tc_bwd_dq", ("attention_tc_fwd", "tc_bwd_dkdv", "tc_bwd_dq"), _TC_BWD_BUCKETS),
 }
 
 
