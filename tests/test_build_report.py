@@ -381,3 +381,15 @@ def test_targets_agree_with_the_backend_and_the_triton_check():
     assert report.ARCHS[90].smem_optin == _backend.SHARED_MEMORY_SM90
     for sm in (86, 89, 120):
         assert report.ARCHS[sm].smem_optin == _backend.SHARED_MEMORY_SM86
+
+
+@needs_cuda_tools
+def test_sm89_reports_sm86_ptxas_unless_every_target(tmp_path):
+    cu = tmp_path / "tc_sample.cu"
+    cu.write_text(TC_SOURCE)
+    compiled, errors, timings = report.compile_all([str(cu)], [86, 89], 1, _TOOLS, str(tmp_path), {str(cu)},
+                                                   log=lambda *_: None)
+    assert errors == [] and sorted(c.sm for c in compiled) == [86, 89]
+    assert list(timings["ptxas"]) == ["tc_sample.cu sm_86"]  # one ptxas run
+    c86, c89 = sorted(compiled, key=lambda c: c.sm)
+    assert c86.ptxas == c89.ptxas and c89.hmma == c86.hmma
