@@ -11,9 +11,10 @@
 //   delta_i = dO_i . O_i,  dP_ij = dO_i . v_j,  dS_ij = P_ij (dP_ij - delta_i)
 //   dq_i = scale sum_j dS_ij k_j,  dk_j = scale sum_i dS_ij q_i,  dv_j = sum_i P_ij dO_i,
 //   dbias[h, i, j] = sum over all (b, s) problems of dS_ij
-// Work items are (b, s) pairs: their T x H x D blocks of q, k, v (and dO in backward) are copied to thread-local
-// buffers in the accumulation type (contiguous H*D runs per frame, so the loads stream; outputs of the
-// accumulation type are written in place by the products, others staged and converted), and the item's H problems
+// Work items are (b, s) pairs: their T x H x D blocks of q, k, v (and dO in backward) are read in place when they
+// already have the accumulation type (reads_in_place: not under rotary, not for 2 KiB-multiple frame strides), else
+// copied to thread-local buffers in the accumulation type (contiguous H*D runs per frame, so the loads stream;
+// outputs of the accumulation type are written in place by the products, others staged and converted), and the item's H problems
 // run on them as small register-blocked matrix products (tile_gemm.h) on transposed score tiles (keys along
 // rows, queries along columns; see softmax_columns): S^T = scale K Q^T (Q^T transposed by 8 x 8 shuffles), a
 // vectorized softmax down the columns with the bias and the mask as one additive (H, T, Tp) tile (-inf where
@@ -146,9 +147,9 @@ struct RotaryTables {
 // Whether item_rows may hand out a tensor's own rows instead of a staged copy: the tensor has the accumulation
 // type, nothing rewrites its rows in the buffers (rotary rotates the staged q and k) and its frame stride is not a
 // multiple of 2 KiB (the T frames of a head would then share a few L1 sets and evict each other; staging packs
-// them). The products read any row stride, so the copy is a pass over q, k, v (and dO) that buys nothing; skipping
-// it measured ~5 % off the float32 forward of a diffusers motion module's attention (T = 16, 8 heads x 40, frames
-// 3*H*D apart in the fused qkv projection; one thread, noisy 2-core VM).
+// them). The products read any row stride, so the copy is a pass over q, k, v (and dO) that buys nothing (measured
+// at T = 16, 8 heads x 40, frames 3*H*D apart in a fused qkv projection: a few percent of the float32 forward, within
+// the noise of the loaded 2-core development VM).
 template <typename acc_t, typename scalar_t>
 bool reads_in_place(const View5<scalar_t>& x, bool rotated) {
   if constexpr (std::is_same_v<acc_t, scalar_t>) {
