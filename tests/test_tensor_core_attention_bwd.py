@@ -156,7 +156,7 @@ def test_cogvideo_gradients(dtype, channel, attention, shifted, stage, D, monkey
 
 def test_cogvideo_rows_with_no_visible_key_get_zero_gradient(monkeypatch):
     """Plus channel: text queries see nothing; their dq is exactly 0, and no gradient is NaN."""
-    tensors, L = _cogvideo_inputs(1, 2, 64, 7, 3, (2, 4), torch.bfloat16)
+    tensors, _ = _cogvideo_inputs(1, 2, 64, 7, 3, (2, 4), torch.bfloat16)
     dq, dk, dv = _check(torchnova.cogvideo_attention, tensors, torch.bfloat16, "cogvideo plus text rows",
                         monkeypatch, text_len=7, frames=3, grid=(2, 4), channel="plus")  # fmt: skip
     assert torch.equal(dq[:, :7], torch.zeros_like(dq[:, :7]))
