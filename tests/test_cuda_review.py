@@ -49,6 +49,7 @@ def simulated_gpu(monkeypatch):
     def set_gpu(name):
         capability, smem = GPUS[name] if isinstance(name, str) else name
         monkeypatch.setattr(_ext, "HAS_CUDA_KERNELS", True)
+        monkeypatch.setitem(_ext.BUILD_INFO, "cuda_archs", f"sm{capability[0]}{capability[1]}")  # built for it
         monkeypatch.setattr(_backend, "device_capability", lambda device: capability)
         monkeypatch.setattr(_backend, "device_smem_optin", lambda device: smem)
 
@@ -369,3 +370,24 @@ def test_shared_memory_lookups_trace_without_graph_breaks(simulated_gpu):
     x = torch.ones(1, 98)
     torch._dynamo.reset()
     assert torch.compile(scaled, fullgraph=True)(x)[0, 0].item() == 103488 + 1
+
+
+def test_a_gpu_the_build_has_no_code_for_is_refused_with_a_reason():
+    # CI's build (TORCH_CUDA_ARCH_LIST="8.0;9.0") runs on sm_80/86/89 (the sm_80 cubin) and sm_90, not on an RTX 50xx.
+    ci_build = "sm80_90"
+    for capability in [(8, 0), (8, 6), (8, 9), (9, 0)]:
+        assert _backend.built_arch_reasons(capability, ci_build) == []
+    (why,) = _backend.built_arch_reasons((12, 0), ci_build)
+    assert "no code for this GPU (sm_120; built for sm_80, sm_90)" in why and "scripts/setup.sh" in why
+    assert _backend.built_arch_reasons((7, 5), ci_build) != []
+    # setup.py's default list ends in +PTX: the driver JIT-compiles the compute_90 PTX on newer GPUs.
+    assert _backend.built_arch_reasons((12, 0), "sm80_86_89_90_PTX") == []
+    assert _backend.built_arch_reasons((8, 6), "sm90_PTX") != []  # PTX of a newer arch cannot run on sm_86
+    assert _backend.built_arch_reasons((12, 0), "none") == []  # no tag (a CPU build): other reasons decide
+
+
+def test_the_cuda_reasons_check_the_built_archs(simulated_gpu, monkeypatch):
+    simulated_gpu("sm_120")
+    monkeypatch.setitem(_ext.BUILD_INFO, "cuda_archs", "sm80_90")
+    why = _backend.cuda_device_reasons(torch.device("cuda", 0))
+    assert any("no code for this GPU" in w for w in why), why

@@ -184,7 +184,31 @@ def cuda_device_reasons(device: torch.device) -> list[str]:
     why = extension_reasons(need_cuda=True) + device_reasons(device, ("cuda",))
     if device.type == "cpu" and CUDA_EMULATION_ACTIVE.get():
         why.append("backend='auto' never picks the CUDA emulation layer (name backend='cuda')")
+    if not why and device.type == "cuda":
+        why += built_arch_reasons(device_capability(device), _ext.BUILD_INFO.get("cuda_archs", ""))
     return why
+
+
+def built_arch_reasons(capability: tuple[int, int], cuda_archs: str) -> list[str]:
+    """Whether the extension holds code this GPU can run: a cubin of the same major version and a minor <= the
+    device's (binary compatible), or PTX of an arch <= the device's (JIT-compiled by the driver). ``cuda_archs`` is
+    the build's tag from TORCH_CUDA_ARCH_LIST, e.g. "sm80_90" for "8.0;9.0", "sm80_90_PTX" for "8.0;9.0+PTX"."""
+    tokens = cuda_archs.removeprefix("sm").split("_")
+    cubins, ptx = [], []
+    for i, token in enumerate(tokens):
+        if token.isdigit() and len(token) >= 2:
+            arch = (int(token[:-1]), int(token[-1]))
+            (ptx if i + 1 < len(tokens) and tokens[i + 1] == "PTX" else cubins).append(arch)
+            if i + 1 < len(tokens) and tokens[i + 1] == "PTX":
+                cubins.append(arch)  # "+PTX" builds the cubin as well
+    if not cubins and not ptx:
+        return []  # unknown tag: let the launch decide
+    major, minor = capability
+    if any(a[0] == major and a[1] <= minor for a in cubins) or any(a <= (major, minor) for a in ptx):
+        return []
+    built = ", ".join(f"sm_{a}{b}" for a, b in cubins) + (" + PTX" if ptx else "")
+    return [f"the extension holds no code for this GPU (sm_{major}{minor}; built for {built}): rebuild on this "
+            "GPU (bash scripts/setup.sh builds for the visible arch) or with TORCH_CUDA_ARCH_LIST including it"]
 
 
 def cuda_op_suffix(device: torch.device) -> str:

@@ -116,8 +116,8 @@ def roofline_order(backends: list[str], work: Workload, dtype: torch.dtype, peak
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Workloads of the ops (forward + backward): FLOPs count multiply-adds as 2, attention as the FA convention
-# (fwd 4·pairs·D, bwd 2.5x that); bytes are the minimal HBM traffic (each tensor read or written once).
+# Workloads of the ops (forward + backward): FLOPs count multiply-adds as 2, attention as the GEMMs the kernels
+# execute (attention_workload); bytes are the minimal HBM traffic (each tensor read or written once).
 # ---------------------------------------------------------------------------------------------------------
 
 _WORKLOADS: dict[str, Callable[..., Workload]] = {}
@@ -137,12 +137,16 @@ def pow2_bucket(n: int) -> int:
 
 
 def attention_workload(problems: float, queries: float, keys_per_query: float, head_dim: int, itemsize: int,
-                       tokens: float, bucket: str) -> Workload:
+                       tokens: float, bucket: str, backward_gemms: int = 7) -> Workload:
     """``problems`` independent attentions of ``queries`` rows seeing ``keys_per_query`` keys each, over
-    ``tokens`` (token x head) rows of q, k, v, o in total. fwd+bwd traffic as benchmarks/bench_spacetime.py counts
-    it: forward reads q, k, v and writes o; backward reads q, k, v, o, dO and writes dQ, dK, dV: 12 passes."""
-    flops = 3.5 * 4.0 * problems * queries * keys_per_query * head_dim
-    return Workload(flops, 12.0 * tokens * head_dim * itemsize, bucket)
+    ``tokens`` (token x head) rows of q, k, v, o in total. FLOPs: the forward's 2 GEMMs (S = Q K^T, O = P V) of
+    2 * queries * keys * D each, plus the backward's: 7 for the deterministic two-kernel backwards of spatial and
+    CogVideo attention on both GPU backends (S, dP, dV, dK key-parallel; S, dP, dQ recomputed query-parallel; no
+    atomics), 5 for temporal attention, whose whole T x T problem sits in one block (flash-attention's convention
+    counts 5). fwd+bwd traffic as benchmarks/bench_spacetime.py counts it: forward reads q, k, v and writes o;
+    backward reads q, k, v, o, dO and writes dQ, dK, dV: 12 passes."""
+    gemm = 2.0 * problems * queries * keys_per_query * head_dim
+    return Workload((2 + backward_gemms) * gemm, 12.0 * tokens * head_dim * itemsize, bucket)
 
 
 def _video_dims(q):
@@ -152,7 +156,8 @@ def _video_dims(q):
 
 def temporal_workload(q, **_) -> Workload:
     B, T, S, H, D, item = _video_dims(q)
-    return attention_workload(B * S * H, T, T, D, item, B * T * S * H, f"T{pow2_bucket(T)}-D{pow2_bucket(D)}")
+    return attention_workload(B * S * H, T, T, D, item, B * T * S * H, f"T{pow2_bucket(T)}-D{pow2_bucket(D)}",
+                              backward_gemms=5)
 
 
 # The head dims the CUDA tensor-core attention kernels take (csrc/cuda/attention_tc_*.cu); larger ones run SIMT.
