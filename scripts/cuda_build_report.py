@@ -119,6 +119,24 @@ SPILL_ALLOWLIST: dict[tuple[str, str | None, tuple[int, ...] | None], tuple[int,
         "SASS has one STL before the key-block loop and one LDL in the dq write-back after it, so one store and "
         "one load per thread, nothing inside the loop",
     ),
+    # The rotary instances (template flag true; issue 13): the rotation keeps each lane's partner element and the
+    # cos / sin of its column live across the tile loads. Found by this report after the merge; where the STL / LDL
+    # sit in the SASS has not been analysed yet, and no GPU has timed them (docs/spacetime.md, rotary).
+    ("temporal_fwd_kernel", r"\w+,true", (86, 89)): (
+        40,
+        "rotary forward on the 48-warp cards: ptxas allocates 40 registers (as for the plain instances, which do "
+        "not spill) and spills 32 B stores / 40 B loads of the rotation's extra values; sm_80/90/120: no spill",
+    ),
+    ("temporal_bwd_kernel", r"\w+,true", (90,)): (
+        28,
+        "rotary backward, sm_90: 72 registers as the plain instances, 24-28 B (the plain ones: 12-16 B below) for "
+        "the partner dq'/dk' shuffle and the transpose rotation's cos / sin",
+    ),
+    ("temporal_bwd_kernel", r"(fp16|bf16),true", (120,)): (
+        88,
+        "rotary backward, sm_120 only (64 registers there; nvcc 13.0's ptxas on compute_80 PTX): 88 B; sm_120 runs "
+        "these kernels only from a native or +PTX build (docs/gpu_build_report.md)",
+    ),
     ("temporal_bwd_kernel", None, (86, 89, 90, 120)): (
         16,
         "three or four 32-bit loop-invariant values (12-16 B; sm_120 fp32: 8 B) at 72 registers (64 on sm_120): "
