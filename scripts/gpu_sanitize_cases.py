@@ -16,6 +16,8 @@ when every case ran, 1 otherwise; with no GPU, --list works and running a case e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -79,11 +81,36 @@ def case_temporal_rotary_half_qkvpacked():
     _backward(out, qkv)
 
 
+@contextlib.contextmanager
+def _attention_kernel(choice):
+    """TORCHNOVA_CUDA_ATTENTION_KERNEL for the spatial / CogVideo CUDA kernels (read per call): fp16/bf16 with D <= 128
+    run the tensor-core kernels by default; "simt" forces the SIMT ones, so both families are launched."""
+    previous = os.environ.get("TORCHNOVA_CUDA_ATTENTION_KERNEL")
+    os.environ["TORCHNOVA_CUDA_ATTENTION_KERNEL"] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TORCHNOVA_CUDA_ATTENTION_KERNEL"]
+        else:
+            os.environ["TORCHNOVA_CUDA_ATTENTION_KERNEL"] = previous
+
+
 def case_spatial():
     import torchnova
 
     q, k, v = (_leaf(1, 2, 45, 2, 40) for _ in range(3))
-    _backward(torchnova.spatial_attention(q, k, v, backend=BACKEND), q, k, v)
+    with _attention_kernel("simt"):
+        _backward(torchnova.spatial_attention(q, k, v, backend=BACKEND), q, k, v)
+
+
+def case_spatial_tensor_core():
+    import torchnova
+
+    for D, dtype in ((40, "float16"), (100, "bfloat16")):  # padded widths 64 and 128 (backward: 64, 128)
+        q, k, v = (_leaf(1, 2, 45, 2, D, dtype=dtype) for _ in range(3))
+        with _attention_kernel("tensor_core"):
+            _backward(torchnova.spatial_attention(q, k, v, backend=BACKEND), q, k, v)
 
 
 def case_spatial_d256():
@@ -99,17 +126,21 @@ def case_cogvideo_plus_window():
     text_len, frames, grid = 3, 2, (4, 4)
     q, k, v = (_leaf(2, text_len + frames * 16, 2, 24) for _ in range(3))
     pad = torch.tensor([[False, False, True], [False, False, False]], device=DEVICE)
-    out = torchnova.cogvideo_attention(q, k, v, text_len=text_len, frames=frames, grid=grid, channel="plus",
-                                       attention="window", window=2, shifted=True, text_pad_mask=pad, backend=BACKEND)
-    _backward(out, q, k, v)
+    for choice in ("simt", "tensor_core"):
+        with _attention_kernel(choice):
+            out = torchnova.cogvideo_attention(q, k, v, text_len=text_len, frames=frames, grid=grid, channel="plus",
+                                               attention="window", window=2, shifted=True, text_pad_mask=pad,
+                                               backend=BACKEND)
+            _backward(out, q, k, v)
 
 
 def case_cogvideo_base():
     import torchnova
 
     q, k, v = (_leaf(1, 2 + 3 * 9, 1, 72, dtype="bfloat16") for _ in range(3))
-    out = torchnova.cogvideo_attention(q, k, v, text_len=2, frames=3, grid=3, channel="base", backend=BACKEND)
-    _backward(out, q, k, v)
+    with _attention_kernel("simt"):
+        out = torchnova.cogvideo_attention(q, k, v, text_len=2, frames=3, grid=3, channel="base", backend=BACKEND)
+        _backward(out, q, k, v)
 
 
 def case_dual_channel_mix():
@@ -147,14 +178,21 @@ CASES = {
         case_temporal_rotary_half_qkvpacked,
         "temporal_fwd_kernel, temporal_bwd_kernel (rotary instances, half-split, bf16, packed)",
     ),
-    "spatial": (case_spatial, "spatial_fwd_kernel, spatial_delta_kernel, spatial_dkdv_kernel, spatial_dq_kernel"),
+    "spatial": (case_spatial, "spatial_fwd_kernel, spatial_delta_kernel, spatial_dkdv_kernel, spatial_dq_kernel "
+                "(SIMT forced)"),
+    "spatial_tensor_core": (
+        case_spatial_tensor_core,
+        "attention_tc_fwd_kernel, spatial_delta_kernel, tc_bwd_dkdv_kernel, tc_bwd_dq_kernel (fp16 D 40, bf16 D 100)",
+    ),
     "spatial_d256": (case_spatial_d256, "spatial_* kernels, head-dim bucket 256, fp32"),
     "cogvideo_plus_window": (
         case_cogvideo_plus_window,
         "cogvideo_attention_fwd_kernel, cogvideo_attention_delta_kernel, cogvideo_attention_bwd_dkdv_kernel, "
-        "cogvideo_attention_bwd_dq_kernel",
+        "cogvideo_attention_bwd_dq_kernel (SIMT forced), then attention_tc_fwd_kernel, tc_bwd_dkdv_kernel, "
+        "tc_bwd_dq_kernel (CogVideo policy)",
     ),
-    "cogvideo_base": (case_cogvideo_base, "cogvideo_attention_* kernels, base channel, head-dim bucket 128, bf16"),
+    "cogvideo_base": (case_cogvideo_base, "cogvideo_attention_* kernels, base channel, head-dim bucket 128, bf16 "
+                                      "(SIMT forced)"),
     "dual_channel_mix": (
         case_dual_channel_mix,
         "dual_channel_mix_fwd_kernel, dual_channel_mix_bwd_kernel, dual_channel_mix_alpha_grad_kernel",
