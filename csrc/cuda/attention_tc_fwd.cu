@@ -60,6 +60,8 @@
 namespace torchnova {
 namespace {
 
+using spacetime_cuda::quad_max;  // lanes 4g .. 4g + 3 share a row of every accumulator fragment
+using spacetime_cuda::quad_sum;
 using spacetime_cuda::TokenStrides;
 using spacetime_cuda::token_offset;
 
@@ -98,16 +100,6 @@ __device__ __forceinline__ int64_t next_key_tile(const Visibility& visibility, i
                                                  int64_t tiles) {
   while (tile < tiles && !visibility.tile_may_see(q_first, tile * kBlockN)) ++tile;
   return tile;
-}
-
-// Max / sum over the 4 lanes of a quad (lanes 4g .. 4g + 3 share a row of every accumulator fragment).
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
 // Fragment registers holding fp32 bits, rounded in place to TF32 (cvt.rna), as mma.m16n8k8.tf32 expects.

@@ -51,6 +51,7 @@
 #include "dual_channel_visibility.cuh"
 #include "dynamic_smem.cuh"
 #include "shared_memory_plan.h"
+#include "spacetime_common.cuh"
 
 namespace torchnova {
 namespace {
@@ -157,15 +158,9 @@ __device__ __forceinline__ void store_tile(scalar_t* __restrict__ out,       // 
   }
 }
 
-// Sum and max over the 4 lanes (tid % 4) that share a token; lanes 4n..4n+3 of a warp, so xor 1 and 2 stay inside.
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
+// Sum and max over the 4 lanes (tid % 4) that share a token (spacetime_common.cuh).
+using spacetime_cuda::quad_max;
+using spacetime_cuda::quad_sum;
 
 // scores[j] = own_row . other_tile[tid % 4 + 4 j] over d < head_dim.
 template <int kHeadDimMax>

@@ -1,4 +1,5 @@
-// Shared pieces of the factorized space-time attention CUDA kernels (spacetime_temporal.cu, spacetime_spatial.cu):
+// Shared pieces of the attention CUDA kernels (spacetime_temporal.cu, spacetime_spatial.cu; the warp and quad
+// reductions also attention_tc_fwd.cu and dual_channel_attention.cu):
 // argument checks of the fixed op schemas (csrc/spacetime_ops.cpp), element conversion, warp reductions and the
 // addressing of (B, T, S, H, D) tensors with arbitrary strides over B, T, S, H and unit stride over D.
 #pragma once
@@ -60,6 +61,18 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int mask = kWarpSize / 2; mask > 0; mask /= 2) x += __shfl_xor_sync(kFullWarp, x, mask);
   return x;
+}
+
+// Max / sum over the 4 lanes of a quad (lanes 4g .. 4g + 3): the lanes that share a row of an mma accumulator
+// fragment, or a token in the CogVideo SIMT kernel's 4-lanes-per-token layout. Every lane of the warp calls it.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(kFullWarp, x, 1));
+  return fmaxf(x, __shfl_xor_sync(kFullWarp, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(kFullWarp, x, 1);
+  return x + __shfl_xor_sync(kFullWarp, x, 2);
 }
 
 // Row stride (in floats) of a shared-memory tile with `width` used columns: odd, so that the 32 lanes of a warp
