@@ -168,24 +168,24 @@ SPILL_ALLOWLIST: dict[tuple[str, str | None, tuple[int, ...] | None], tuple[int,
     # the visibility rule (integer divisions, block_may_see) in the pipelined loop. Measured with CUDA 13.0 ptxas
     # (every row of the report for attention_tc_bwd.cu); the arch-specific entry first (the first match applies).
     # Spills on sm_120 are the largest (its ptxas allocates differently from the same compute_80 PTX).
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", 120): (12, "sm_120 ptxas"),
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", 120): (32, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", (120,)): (12, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", (120,)): (32, "sm_120 ptxas"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", None): (16, "sm_90: ptxas stops at 168 registers"),
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),64,.*CogVideoPolicy", 120): (32, "sm_120 ptxas"),
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),64,.*DenseVisibility", 120): (40, "sm_120 ptxas"),
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", 120): (48, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),64,.*CogVideoPolicy", (120,)): (32, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),64,.*DenseVisibility", (120,)): (40, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", (120,)): (48, "sm_120 ptxas"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", None): (
         20, "at the 255-register limit, plus the visibility rule"),
-    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*DenseVisibility", 120): (60, "sm_120 ptxas"),
+    ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*DenseVisibility", (120,)): (60, "sm_120 ptxas"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),128,.*DenseVisibility", None): (
         8, "at the 255-register limit (2 x 64 accumulator floats + S^T, dP^T)"),
-    ("tc_bwd_dq_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", 120): (120, "sm_120 ptxas"),
-    ("tc_bwd_dq_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", 80): (
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", (120,)): (120, "sm_120 ptxas"),
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", (80,)): (
         248, "ptxas settles on 128 registers (162 and no spill on sm_90)"),
-    ("tc_bwd_dq_kernel", r"(fp16|bf16),64,.*CogVideoPolicy", 120): (112, "sm_120 ptxas"),
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),64,.*CogVideoPolicy", (120,)): (112, "sm_120 ptxas"),
     ("tc_bwd_dq_kernel", r"(fp16|bf16),64,.*DenseVisibility", None): (
         12, "ptxas stops at 168 registers (3 blocks per SM)"),
-    ("tc_bwd_dq_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", 120): (36, "sm_120 ptxas"),
+    ("tc_bwd_dq_kernel", r"(fp16|bf16),128,.*CogVideoPolicy", (120,)): (36, "sm_120 ptxas"),
 }
 
 # -------------------------------------------------------------------------------------------------------------

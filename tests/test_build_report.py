@@ -393,3 +393,12 @@ def test_sm89_reports_sm86_ptxas_unless_every_target(tmp_path):
     assert list(timings["ptxas"]) == ["tc_sample.cu sm_86"]  # one ptxas run
     c86, c89 = sorted(compiled, key=lambda c: c.sm)
     assert c86.ptxas == c89.ptxas and c89.hmma == c86.hmma
+
+
+def test_every_spill_allowance_is_well_formed():
+    # A target written as a bare int (90 instead of (90,)) crashed the report's checks after every compile had run.
+    targets = set(report.ARCHS)
+    for (kernel, targs, archs), (limit, why) in report.SPILL_ALLOWLIST.items():
+        assert archs is None or (isinstance(archs, tuple) and set(archs) <= targets), (kernel, targs, archs)
+        assert targs is None or isinstance(targs, str), (kernel, targs)
+        assert isinstance(limit, int) and limit > 0 and why, (kernel, targs, archs)
