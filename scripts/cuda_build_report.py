@@ -168,6 +168,9 @@ SPILL_ALLOWLIST: dict[tuple[str, str | None, tuple[int, ...] | None], tuple[int,
     # the visibility rule (integer divisions, block_may_see) in the pipelined loop. Measured with CUDA 13.0 ptxas
     # (every row of the report for attention_tc_bwd.cu); the arch-specific entry first (the first match applies).
     # Spills on sm_120 are the largest (its ptxas allocates differently from the same compute_80 PTX).
+    ("attention_tc_fwd_kernel", r"fp32,64,.*CogVideoVisibility", (120,)): (
+        44, "TF32 forward with the CogVideo rule, sm_120 only (nvcc 13.0's ptxas on compute_80 PTX; no spill on "
+        "sm_80/86/89/90): 28 B stores / 44 B loads; TF32 runs only when torch allows TF32 matmuls"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*CogVideoPolicy", (120,)): (12, "sm_120 ptxas"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", (120,)): (32, "sm_120 ptxas"),
     ("tc_bwd_dkdv_kernel", r"(fp16|bf16),32,.*DenseVisibility", None): (16, "sm_90: ptxas stops at 168 registers"),
